@@ -1,0 +1,248 @@
+"""Command line: ``tracepipe run | plan | status | validate | schema | init | report | push``.
+
+Exit codes: 0 ok, 1 run failed, 2 bad recipe or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tracepipe.recipe import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build reasoning-trace datasets from one recipe.")
+console = Console(stderr=True)
+out = Console()
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(path: Path) -> Recipe:
+    try:
+        return load_recipe(path)
+    except RecipeError as e:
+        console.print(e.render(), style="red", highlight=False, markup=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _apply_executor(recipe: Recipe, executor: str | None, workers: int | None) -> None:
+    if executor:
+        recipe.executor.kind = executor  # type: ignore[assignment]
+    if workers:
+        recipe.executor.workers = workers
+
+
+def _stage_table(stats: dict[str, Any], plan: bool) -> Table:
+    t = Table(title=("plan: " if plan else "run: ") + stats["recipe"], show_lines=False)
+    t.add_column("#", justify="right")
+    t.add_column("stage")
+    t.add_column("kind")
+    t.add_column("rows in", justify="right")
+    t.add_column("cached", justify="right")
+    t.add_column("to compute" if plan else "computed", justify="right")
+    t.add_column("rows out", justify="right")
+    if not plan:
+        t.add_column("dropped", justify="left")
+        t.add_column("errors", justify="right")
+        t.add_column("s", justify="right")
+        t.add_column("rows/s", justify="right")
+    for s in stats["stages"]:
+        todo = s["to_compute"] if plan else s["computed"]
+        mark = "+" if plan and s.get("upstream_pending") else ""
+        row = [str(s["index"]), s["name"], s["kind"], f"{s['rows_in']}{mark}", str(s["cached"]), f"{todo}{mark}", str(s["rows_out"])]
+        if not plan:
+            drops = ", ".join(f"{r}: {n}" for r, n in sorted(s["dropped"].items(), key=lambda kv: -kv[1])[:4])
+            row += [drops, str(s["errors"]), f"{s['seconds']:.2f}", f"{s['rows_per_s']:.1f}"]
+        t.add_row(*row)
+    return t
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe.yaml"),
+    executor: str | None = typer.Option(None, "--executor", help="local | ray (overrides the recipe)"),
+    workers: int | None = typer.Option(None, "--workers", help="processes for CPU-bound stages"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="live progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the run stats as JSON on stdout"),
+) -> None:
+    """Run the recipe; only rows and stages missing from the store are computed."""
+    from tracepipe.pipeline.runner import RunFailed, Runner
+
+    r = _load(recipe)
+    _apply_executor(r, executor, workers)
+    try:
+        result = Runner(r, progress=progress and sys.stderr.isatty(), console=console).run()
+    except RunFailed as e:
+        console.print(f"run failed: {e}", style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    stats = result.stats.to_dict()
+    if as_json:
+        out.print_json(json.dumps(stats, default=str))
+    else:
+        console.print(_stage_table(stats, plan=False))
+        for o in stats["outputs"]:
+            console.print(f"wrote {o['format']} to {o['path']}: {o['rows']}")
+        console.print(f"done in {stats['seconds']:.1f}s; stats in {r.workdir_path()}/stats.json")
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="recipe.yaml"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
+) -> None:
+    """Per stage: rows cached / rows to compute. Runs nothing ('+' = an earlier stage has work)."""
+    from tracepipe.pipeline.runner import RunFailed, Runner
+
+    r = _load(recipe)
+    try:
+        stats = Runner(r).plan().to_dict()
+    except RunFailed as e:
+        console.print(f"plan failed: {e}", style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        out.print_json(json.dumps(stats, default=str))
+    else:
+        out.print(_stage_table(stats, plan=True))
+
+
+@app.command()
+def status(
+    recipe: Path = typer.Argument(..., help="recipe.yaml"),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout"),
+) -> None:
+    """What the last run did, and the rejected / quarantined rows kept in the workdir."""
+    import polars as pl
+
+    r = _load(recipe)
+    wd = Path(r.workdir_path())
+    stats_file = wd / "stats.json"
+    info: dict[str, Any] = {"workdir": str(wd), "last_run": None, "rejects": {}, "quarantine": {}}
+    if stats_file.exists():
+        info["last_run"] = json.loads(stats_file.read_text())
+    for kind in ("rejects", "quarantine"):
+        d = wd / kind
+        if d.exists():
+            for f in sorted(d.glob("*.parquet")):
+                col = "_reason" if kind == "rejects" else "_error"
+                df = pl.read_parquet(f, columns=[col])
+                info[kind][f.stem] = {"rows": df.height, "by_reason": dict(df[col].value_counts(sort=True).head(10).iter_rows())}
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    if info["last_run"] is None:
+        out.print(f"no run yet in {wd}")
+    else:
+        lr = info["last_run"]
+        out.print(f"last run {lr['run_id']}: {'ok' if lr['ok'] else 'FAILED: ' + str(lr['error'])} in {lr['seconds']}s")
+        out.print(_stage_table(lr, plan=False))
+    for kind in ("rejects", "quarantine"):
+        for name, d in info[kind].items():
+            out.print(f"{kind}/{name}.parquet: {d['rows']} rows  {d['by_reason']}", markup=False)
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="recipe.yaml")) -> None:
+    """Check the recipe (every error with its YAML path and line); runs nothing."""
+    r = _load(recipe)
+    out.print(f"ok: {recipe}: {len(r.source)} source(s), {len(r.stage_specs)} stage(s), {len(r.outputs)} output(s)")
+
+
+@app.command()
+def schema(output: Path | None = typer.Option(None, "--output", "-o", help="write to a file")) -> None:
+    """JSON Schema of recipes (for editor completion)."""
+    from tracepipe.recipe import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        print(text)
+
+
+STARTER = """\
+# tracepipe recipe: `tracepipe run {path}`
+# yaml-language-server: $schema=recipe.schema.json
+name: {name}
+source:
+  - path: problems.jsonl            # .jsonl / .parquet / glob, or `hf: org/dataset`
+    columns: {{problem: question, answer: answer}}
+    answer_format: gsm8k            # gsm8k | boxed | raw
+    domain: math
+engines:
+  teacher:
+    kind: vllm
+    model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B
+    max_model_len: 32768
+stages:
+  - decontaminate: {{benchmarks: [math500, aime24, amc23, gsm8k_test]}}
+  - dedup: {{method: exact}}
+  - generate: {{engine: teacher, n: 4, temperature: 0.6, top_p: 0.95, max_tokens: 16384}}
+  - verify: {{}}
+  - filter: {{where: "verdict = 'correct'"}}
+outputs:
+  - format: sft-messages
+    path: out/{name}
+"""
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("recipe.yaml"), help="where to write the starter recipe"),
+    name: str = typer.Option("my-dataset", help="dataset name"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Write a starter recipe."""
+    if path.exists() and not force:
+        console.print(f"{path} exists; use --force to overwrite", style="red")
+        raise typer.Exit(EXIT_USAGE)
+    path.write_text(STARTER.format(path=path, name=name))
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def report(
+    recipe: Path = typer.Argument(..., help="recipe.yaml"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="directory for report.html and plots"),
+) -> None:
+    """HTML report with PNG plots of the last run."""
+    from tracepipe.report import build_report
+
+    r = _load(recipe)
+    path = build_report(r, output)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def push(
+    recipe: Path = typer.Argument(..., help="recipe.yaml"),
+    repo: str | None = typer.Option(None, help="override outputs[].push.repo"),
+) -> None:
+    """Push the outputs to the Hugging Face Hub (or outputs[].push.url)."""
+    from tracepipe.hub import push_outputs
+
+    r = _load(recipe)
+    try:
+        for line in push_outputs(r, repo=repo):
+            out.print(line)
+    except Exception as e:  # the message never contains the token (hub.py scrubs it)
+        console.print(f"push failed: {e}", style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        # click reports usage errors with exit code 2 already; keep it
+        raise e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The runtime ("the engine"): runner, store, keys, executors, stats."""

@@ -242,7 +242,7 @@ class Runner:
 
     def _check_errors(self, stage: Stage, st: StageStats, quar: Path | None) -> None:
         denom = max(1, st.computed)
-        if st.errors and st.errors / denom > self.recipe.max_error_rate:
+        if st.error_keys and st.error_keys / denom > self.recipe.max_error_rate:
             first = ""
             if quar is not None and quar.exists():
                 q = pl.read_parquet(quar, columns=["id", "_error"] if "id" in pl.read_parquet_schema(quar) else ["_error"]).head(1)
@@ -252,7 +252,7 @@ class Runner:
                 self._publish([(f"{st.index + 1:03d}-{stage.name}", quar)], "quarantine")
             raise RunFailed(
                 f"stage {stage.name!r} (stages[{st.index}]) quarantined {st.errors} of {st.computed} rows "
-                f"({st.errors / denom:.1%} > max_error_rate {self.recipe.max_error_rate:.1%}){first}. "
+                f"({st.error_keys / denom:.1%} of distinct inputs > max_error_rate {self.recipe.max_error_rate:.1%}){first}. "
                 f"Committed results are kept; see {self.workdir}/quarantine/."
             )
 
@@ -304,7 +304,7 @@ class Runner:
             )
             errors = self._process(stage, store, todo, st, prog)
             todo.unlink()
-        st.errors = errors.height
+        st.error_keys = errors.height
         return self._join_results(stage, store, frame, keys_path, errors, run_dir, tag, st)
 
     def _process(self, stage: RowStage, store: StageStore, todo: Path, st: StageStats, prog: Progress) -> pl.DataFrame:
@@ -350,6 +350,7 @@ class Runner:
             base.join(errors.lazy(), on=IN_KEY_COL, how="inner", maintain_order="left").with_columns(
                 pl.lit(stage.name).alias("_stage")
             ).drop(IN_KEY_COL).sink_parquet(quar_path)
+            st.errors = frame_rows(quar_path)
         if res is None:
             lf.head(0).sink_parquet(next_frame)
             return next_frame, None, quar_path if errors.height else None

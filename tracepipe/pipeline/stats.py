@@ -20,7 +20,8 @@ class StageStats:
     to_compute: int = 0  # plan: keys missing from the store
     upstream_pending: bool = False  # plan: an earlier stage still has work, so counts are partial
     dropped: dict[str, int] = field(default_factory=dict)
-    errors: int = 0
+    errors: int = 0  # rows quarantined
+    error_keys: int = 0  # distinct row keys that failed
     seconds: float = 0.0
     compute_seconds: float = 0.0
     tokens: int = 0

@@ -1,16 +1,22 @@
 """Content-addressed per-stage Parquet store: the cache behind incremental runs and resume.
 
-Layout (``root`` is a local path or any fsspec URL)::
+Layout (``root`` is a local path or any fsspec URL: ``file://``, ``s3://``, ``gs://``, ``memory://``)::
 
     <root>/stages/<stage>-<fingerprint>/meta.json            what the fingerprint hashes
     <root>/stages/<stage>-<fingerprint>/part-<ns>-<id>.parquet  row-stage results, one per batch
     <root>/stages/<stage>-<fingerprint>/set-<digest>.parquet     set-stage decisions
 
 Every row of a part carries the ``_in_key`` (row key of the input row) it was computed from,
-its output index ``_idx`` and ``_drop`` (reason, or null when kept). Parts are written to a
-temporary name and renamed, so a crash (even ``kill -9``) loses at most the batch in flight and
-never leaves a half-written part behind. Readers drop duplicate (``_in_key``, ``_idx``) pairs,
-keeping the oldest, so two executors racing on the same key cannot corrupt the result.
+its output index ``_idx`` and ``_drop`` (reason, or null when kept). Parts appear atomically, so
+a crash (even ``kill -9``) loses at most the batch in flight and never leaves a half-written part
+behind: local files are written to a temporary name, fsynced and renamed; on object stores
+(S3, GCS, Azure) a part is one PUT, which is atomic; other fsspec filesystems get temp + move.
+Readers drop duplicate (``_in_key``, ``_idx``) pairs, keeping the oldest, so two executors (or two
+machines sharing the store) racing on the same key cannot corrupt the result.
+
+Remote stores are read and written through fsspec (credentials as fsspec finds them: env vars,
+``~/.aws``, ``gcloud`` ...); polars only sees them through pyarrow datasets, so any fsspec
+filesystem works, including ``memory://`` in tests.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +39,73 @@ from tracepipe.pipeline.keys import IN_KEY_COL
 
 IDX_COL = "_idx"
 
+#: protocols whose single PUT is atomic (a reader sees the whole object or nothing)
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+#: parallel reads of part footers / key columns on remote stores
+REMOTE_READ_THREADS = 16
+
 
 def _fs(root: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(str(root))
     return fs, path.rstrip("/")
 
 
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto if isinstance(proto, str) else proto[0]
+
+
 def is_local(root: str | Path) -> bool:
+    """A plain path or a ``file://`` URL (the local filesystem, or a shared mount such as NFS)."""
     return "://" not in str(root) or str(root).startswith("file://")
 
 
+def local_path(url: str | Path) -> Path:
+    """The filesystem path of a local root (``file://`` prefix removed)."""
+    return Path(str(url).removeprefix("file://"))
+
+
+def _parquet_bytes(table: pa.Table, compression: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression, **kw)
+    return buf.getvalue()
+
+
+def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bool) -> None:
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    if local:
+        os.makedirs(parent or ".", exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    if _protocol(fs) in ATOMIC_PUT_PROTOCOLS:  # one PUT: the object appears whole or not at all
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
 def write_parquet_atomic(df: pl.DataFrame | pa.Table, url: str, compression: str = "zstd", **kw: Any) -> None:
-    """Write a Parquet file to a temporary name next to ``url`` and rename it into place."""
+    """Write a Parquet file so that it appears at ``url`` whole or not at all."""
     table = df.to_arrow() if isinstance(df, pl.DataFrame) else df
     fs, path = _fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
-    if is_local(url):
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression=compression, **kw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    else:  # object stores: a single PUT is atomic; write then move for other filesystems
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression=compression, **kw)
-        with fs.open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-        fs.mv(tmp, path)
+    _put_atomic(fs, path, _parquet_bytes(table, compression, **kw), is_local(url))
+
+
+def write_text_atomic(text: str, url: str) -> None:
+    fs, path = _fs(url)
+    _put_atomic(fs, path, text.encode("utf-8"), is_local(url))
 
 
 class StageStore:
@@ -72,54 +117,117 @@ class StageStore:
         self.fp = fp
         self.url = f"{self.root}/stages/{stage}-{fp}"
         self.fs, self.path = _fs(self.url)
+        self.local = is_local(self.root)
         self._meta = meta
+        self._ensured = False
+
+    def __getstate__(self) -> dict[str, Any]:  # fsspec filesystems re-created where unpickled
+        state = dict(self.__dict__)
+        state.pop("fs", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.fs, self.path = _fs(self.url)
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Forget cached directory listings (object-store filesystems cache ``ls``)."""
+        if not self.local:
+            try:
+                self.fs.invalidate_cache(self.path)
+            except Exception:  # pragma: no cover - best effort
+                pass
+
     def ensure(self) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)
+        if self._ensured:
+            return
+        if self.local or _protocol(self.fs) not in ATOMIC_PUT_PROTOCOLS:  # object stores have no dirs
+            self.fs.makedirs(self.path, exist_ok=True)
         meta_path = f"{self.path}/meta.json"
         if self._meta is not None and not self.fs.exists(meta_path):
-            with self.fs.open(meta_path, "w") as fh:
-                fh.write(json.dumps(self._meta, indent=2, sort_keys=True, default=str))
+            text = json.dumps(self._meta, indent=2, sort_keys=True, default=str)
+            _put_atomic(self.fs, meta_path, text.encode("utf-8"), self.local)
+        self._ensured = True
 
     def parts(self) -> list[str]:
-        if not self.fs.exists(self.path):
+        """Paths (as the filesystem names them) of the committed parts, oldest first."""
+        self._refresh()
+        try:
+            names = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
             return []
-        names = [p for p in self.fs.ls(self.path, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")]
-        return sorted(names)
+        return sorted(p for p in names if (b := p.rsplit("/", 1)[-1]).startswith("part-") and b.endswith(".parquet"))
 
     def _urls(self, paths: list[str]) -> list[str]:
-        if is_local(self.root):
+        if self.local:
             return paths
-        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        proto = _protocol(self.fs)
         return [f"{proto}://{p}" for p in paths]
 
+    def _map(self, fn: Any, items: list[str]) -> list[Any]:
+        if self.local or len(items) < 2:
+            return [fn(p) for p in items]
+        with ThreadPoolExecutor(min(REMOTE_READ_THREADS, len(items))) as pool:
+            return list(pool.map(fn, items))
+
     # -- row-stage results ---------------------------------------------------------------------
+    def _read_keys(self, path: str) -> list[str]:
+        if self.local:
+            return pq.read_table(path, columns=[IN_KEY_COL]).column(0).to_pylist()
+        with self.fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=[IN_KEY_COL]).column(0).to_pylist()
+
     def keys(self) -> set[str]:
         """Input keys whose results are committed."""
-        parts = self.parts()
-        if not parts:
-            return set()
         keys: set[str] = set()
-        for p in parts:
-            with self.fs.open(p, "rb") as fh:
-                col = pq.read_table(fh, columns=[IN_KEY_COL]).column(0)
-            keys.update(col.to_pylist())
+        for chunk in self._map(self._read_keys, self.parts()):
+            keys.update(chunk)
         return keys
 
     def commit(self, df: pl.DataFrame) -> str:
-        """Atomically add one part; returns its path."""
+        """Atomically add one part; returns its URL."""
         self.ensure()
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         url = f"{self.url}/{name}"
-        write_parquet_atomic(df, url, compression="zstd")
+        _put_atomic(self.fs, f"{self.path}/{name}", _parquet_bytes(df.to_arrow(), "zstd"), self.local)
         return url
 
+    def _read_schema(self, path: str) -> pa.Schema:
+        if self.local:
+            return pq.read_schema(path)
+        with self.fs.open(path, "rb") as fh:
+            return pq.read_schema(fh)
+
+    def _scan_group(self, paths: list[str]) -> pl.LazyFrame:
+        if self.local:
+            return pl.scan_parquet(paths)
+        import pyarrow.dataset as pads
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        ds = pads.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs)))
+        return pl.scan_pyarrow_dataset(ds)
+
     def scan(self, schema_hint: dict[str, pl.DataType] | None = None) -> pl.LazyFrame | None:
+        """All committed rows, lazily; duplicates of (``_in_key``, ``_idx``) dropped (oldest kept).
+
+        Parts whose schema differs (a column all null in one batch, say) are combined with
+        relaxed types.
+        """
         parts = self.parts()
         if not parts:
             return None
-        lf = pl.concat([pl.scan_parquet(u) for u in self._urls(parts)], how="diagonal_relaxed")
+        # consecutive parts with one schema are scanned together (the common case: one scan for
+        # all); order stays oldest first, so `keep="first"` keeps the oldest duplicate
+        groups: list[tuple[pa.Schema, list[str]]] = []
+        for path, schema in zip(parts, self._map(self._read_schema, parts)):
+            schema = schema.remove_metadata()
+            if groups and groups[-1][0].equals(schema):
+                groups[-1][1].append(path)
+            else:
+                groups.append((schema, [path]))
+        frames = [self._scan_group(paths) for _, paths in groups]
+        lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         return lf.unique(subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True)
 
     # -- set-stage decisions -------------------------------------------------------------------
@@ -129,10 +237,12 @@ class StageStore:
     def load_decision(self, digest: str) -> pl.DataFrame | None:
         url = self.decision_url(digest)
         fs, path = _fs(url)
-        if not fs.exists(path):
+        self._refresh()
+        try:
+            with fs.open(path, "rb") as fh:
+                return pl.read_parquet(fh)
+        except FileNotFoundError:
             return None
-        with fs.open(path, "rb") as fh:
-            return pl.read_parquet(fh)
 
     def save_decision(self, digest: str, df: pl.DataFrame) -> None:
         self.ensure()
@@ -141,10 +251,11 @@ class StageStore:
 
 def list_stage_dirs(root: str | Path) -> list[str]:
     fs, path = _fs(f"{str(root).rstrip('/')}/stages")
-    if not fs.exists(path):
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
         return []
-    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-
-
-def local_path(url: str | Path) -> Path:
-    return Path(str(url).removeprefix("file://"))

@@ -43,6 +43,8 @@ class GenerationRequest:
     n: int = 1
     sampling: SamplingParams = field(default_factory=SamplingParams)
     key: str = ""  # row key, for logs and per-request bookkeeping
+    # the source row's columns the stage read (a replay engine takes its text from here)
+    row: dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,0 +1,330 @@
+"""Dataset card: the numbers (``summary.json``), the plots, and ``README.md`` from ``data_cards/``.
+
+:func:`summarize` aggregates the final rows, the run stats and the rejects into one JSON-able dict
+(teacher fingerprints, rows in/out and drop reasons per stage, verification pass rates,
+difficulty bands, decontamination and compression stats, length histograms). :func:`render_card`
+fills the Jinja template ``data_cards/dataset_card.md.j2`` with it, under a YAML front matter the
+Hub reads (``configs`` with ``data_files`` globs, license, task_categories, language,
+size_categories, tags, dataset_info). Everything written passes through
+:func:`tracepipe.outputs._secrets.scrub`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+import tracepipe
+from tracepipe.outputs import _plots
+from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
+
+CARD_TEMPLATE = "dataset_card.md.j2"
+PLOT_FILES = ("token_lengths.png", "difficulty.png")
+FORMAT_TAGS = {
+    "sft-messages": ["sft"],
+    "prompt-completion": ["sft"],
+    "sharegpt": ["sft", "llama-factory"],
+    "dpo-pairs": ["dpo", "preference"],
+    "opd": ["distillation", "on-policy-distillation"],
+}
+SIZE_BINS = [
+    (1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+]
+HIST_BINS = 40
+
+
+def templates_dirs() -> list[Path]:
+    """Where card / report templates are looked up: ``data_cards/`` of the checkout, then packaged."""
+    root = Path(tracepipe.__file__).resolve().parents[1] / "data_cards"
+    packaged = Path(tracepipe.__file__).resolve().parent / "templates" / "data_cards"
+    return [d for d in (root, packaged) if d.is_dir()]
+
+
+def jinja_env(autoescape: bool = False) -> Any:
+    import jinja2
+
+    dirs = templates_dirs()
+    if not dirs:
+        raise FileNotFoundError(
+            "no data_cards/ templates found next to the tracepipe package "
+            f"({Path(tracepipe.__file__).resolve().parents[1] / 'data_cards'})"
+        )
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in dirs]),
+        autoescape=autoescape,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.ChainableUndefined,
+    )
+    env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:,.3g}" if isinstance(v, float) else str(v))
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * float(v):.1f}%"
+    return env
+
+
+def size_category(n: int) -> str:
+    for bound, label in SIZE_BINS:
+        if n < bound:
+            return label
+    return "1B<n<10B"
+
+
+# -- numbers ------------------------------------------------------------------------------------
+def hist(values: list[float] | Any, edges: list[float] | None = None, bins: int = HIST_BINS) -> dict[str, Any]:
+    """Histogram + quantiles of a numeric series (list or numpy), JSON-able."""
+    import numpy as np
+
+    arr = np.asarray([v for v in values if v is not None], dtype=float) if isinstance(values, list) else np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)] if arr.size else arr
+    if arr.size == 0:
+        return {"n": 0, "edges": [], "counts": []}
+    if edges is None:
+        hi = float(arr.max()) if arr.max() > 0 else 1.0
+        edges = list(np.linspace(0.0, hi, bins + 1))
+    counts, e = np.histogram(arr, bins=np.asarray(edges, dtype=float))
+    return {
+        "n": int(arr.size), "edges": [round(float(x), 4) for x in e], "counts": [int(c) for c in counts],
+        "mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+        "max": float(arr.max()), "min": float(arr.min()),
+    }
+
+
+def shared_hists(series: dict[str, Any], bins: int = HIST_BINS) -> dict[str, dict[str, Any]]:
+    """Histograms of several series over the same bin edges (for before/after overlays)."""
+    import numpy as np
+
+    arrays = {k: np.asarray(v, dtype=float) for k, v in series.items() if v is not None and len(v)}
+    if not arrays:
+        return {}
+    hi = max(float(a.max()) for a in arrays.values()) or 1.0
+    edges = list(np.linspace(0.0, hi, bins + 1))
+    return {k: hist(a, edges) for k, a in arrays.items()}
+
+
+def _first(schema: pl.Schema, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in schema), None)
+
+
+def length_stats(final: pl.LazyFrame) -> dict[str, Any]:
+    """Trace length histograms: teacher completion tokens, and the trace before/after compression.
+
+    Token counts come from columns where the rows have them (``completion_tokens``,
+    ``reasoning_tokens``, ``reasoning_compressed_tokens``); otherwise lengths are estimated as
+    characters / 4, and ``unit`` says so.
+    """
+    schema = final.collect_schema()
+    out: dict[str, Any] = {"hists": {}, "unit": None, "completion_tokens": None, "compression": None}
+    if "completion_tokens" in schema:
+        ct = final.select(pl.col("completion_tokens").cast(pl.Float64)).collect().to_series().drop_nulls().to_numpy()
+        out["completion_tokens"] = hist(ct)
+    if "reasoning" not in schema:
+        return out
+    tok_before = _first(schema, ("reasoning_tokens",))
+    tok_after = _first(schema, ("reasoning_compressed_tokens", "compressed_tokens"))
+    comp = "reasoning_compressed" in schema
+    use_tokens = tok_before is not None and (not comp or tok_after is not None)
+    if use_tokens:
+        before = pl.col(tok_before).cast(pl.Float64)
+        after = pl.coalesce(pl.col(tok_after).cast(pl.Float64), before) if comp else None
+        out["unit"] = "tokens"
+    else:
+        before = pl.col("reasoning").str.len_chars().cast(pl.Float64) / 4.0
+        after = (pl.coalesce(pl.col("reasoning_compressed"), pl.col("reasoning")).str.len_chars().cast(pl.Float64) / 4.0) if comp else None
+        out["unit"] = "≈ tokens (characters / 4)"
+    cols = [before.alias("before")] + ([after.alias("after")] if after is not None else [])
+    if comp:
+        cols.append(pl.col("reasoning_compressed").is_not_null().alias("compressed"))
+    df = final.filter(pl.col("reasoning").is_not_null()).select(cols).collect()
+    if df.height == 0:
+        return out
+    if comp:
+        out["hists"] = shared_hists({"original trace": df["before"].to_numpy(), "trace in the output (compressed where kept)": df["after"].to_numpy()})
+        n_comp = int(df["compressed"].sum())
+        b, a = float(df["before"].sum()), float(df["after"].sum())
+        out["compression"] = {
+            "rows": df.height, "rows_compressed": n_comp, "share_compressed": n_comp / df.height,
+            "mean_before": b / df.height, "mean_after": a / df.height, "ratio": (a / b) if b else None,
+        }
+    else:
+        out["hists"] = shared_hists({"reasoning trace": df["before"].to_numpy()})
+    return out
+
+
+def verification_stats(final: pl.LazyFrame, rejects: list[str]) -> dict[str, Any] | None:
+    """Verdict counts over the kept rows, and over every verified sample (kept + dropped later)."""
+    schema = final.collect_schema()
+    if "verdict" not in schema:
+        return None
+    kept = dict(final.group_by("verdict").len().collect().iter_rows())
+    allv = dict(kept)
+    for p in rejects:
+        if "verdict" in pl.read_parquet_schema(p):
+            for v, n in pl.scan_parquet(p).group_by("verdict").len().collect().iter_rows():
+                allv[v] = allv.get(v, 0) + n
+
+    def rates(c: dict[Any, int]) -> dict[str, Any]:
+        c = {str(k): int(v) for k, v in c.items() if k is not None}
+        total = sum(c.values())
+        judged = c.get("correct", 0) + c.get("incorrect", 0)
+        return {"counts": dict(sorted(c.items())), "total": total,
+                "pass_rate": (c.get("correct", 0) / total) if total else None,
+                "pass_rate_judged": (c.get("correct", 0) / judged) if judged else None}
+
+    by_domain = None
+    if "domain" in schema:
+        dom = final.group_by("domain").agg(
+            pl.len().alias("n"), (pl.col("verdict") == "correct").sum().alias("correct")
+        ).sort("domain").collect()
+        by_domain = {str(r["domain"]): {"rows": int(r["n"]), "correct": int(r["correct"])} for r in dom.iter_rows(named=True)}
+    return {"kept": rates(kept), "all": rates(allv), "by_domain": by_domain}
+
+
+def difficulty_stats(final: pl.LazyFrame) -> dict[str, Any] | None:
+    schema = final.collect_schema()
+    if "difficulty" not in schema and "pass_rate" not in schema:
+        return None
+    per = final.select([c for c in ("id", "difficulty", "pass_rate") if c in schema])
+    if "id" in schema:
+        per = per.unique("id", keep="first", maintain_order=True)
+    df = per.collect()
+    out: dict[str, Any] = {"problems": df.height, "bands": {}, "pass_rate": None}
+    if "difficulty" in df.columns:
+        out["bands"] = {str(k): int(v) for k, v in df.group_by("difficulty").len().sort("difficulty").iter_rows()}
+    if "pass_rate" in df.columns:
+        out["pass_rate"] = hist(df["pass_rate"].cast(pl.Float64).drop_nulls().to_numpy(), edges=[i / 10 for i in range(11)])
+    return out
+
+
+def teacher_stats(final: pl.LazyFrame) -> list[dict[str, Any]]:
+    if "teacher" not in final.collect_schema():
+        return []
+    df = final.group_by("teacher").len().sort("len", descending=True).collect()
+    return [{"teacher": str(t), "rows": int(n)} for t, n in df.iter_rows() if t is not None]
+
+
+def stage_summaries(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
+    keys = ("index", "name", "kind", "rows_in", "rows_out", "dropped", "errors", "cached", "computed",
+            "seconds", "compute_seconds", "rows_per_s", "tokens", "extra")
+    return [{k: s.get(k) for k in keys} for s in (stats or {}).get("stages", [])]
+
+
+def summarize(
+    final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None, files: list[dict[str, Any]],
+    rejects: list[str],
+) -> dict[str, Any]:
+    """Everything the card and the report show about one output, as a JSON-able dict."""
+    stages = stage_summaries(stats)
+    rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dict.fromkeys(f["split"] for f in files)}
+    schema = final.collect_schema()
+    domains = sorted(str(d) for d in final.select(pl.col("domain").unique()).collect().to_series().drop_nulls()) if "domain" in schema else []
+    lengths = length_stats(final)
+    summary = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "license": recipe.license,
+        "format": spec.format,
+        "options": {k: v for k, v in dict(spec.options).items() if not str(k).startswith("_")},
+        "test_fraction": spec.test_fraction,
+        "tracepipe_version": tracepipe.__version__,
+        "run_id": (stats or {}).get("run_id"),
+        "source_rows": ((stats or {}).get("source") or {}).get("rows"),
+        "final_rows": final.select(pl.len()).collect().item(),
+        "rows": rows,
+        "files": [{"file": f["file"], "split": f["split"], "rows": f["rows"], "bytes": f.get("bytes")} for f in files],
+        "columns": list(files[0].get("columns", [])) if files else [],
+        "domains": domains,
+        "teachers": teacher_stats(final),
+        "stages": stages,
+        "verification": verification_stats(final, rejects),
+        "difficulty": difficulty_stats(final),
+        "lengths": lengths,
+        "decontamination": [s for s in stages if s["name"] == "decontaminate"],
+        "compression": [s for s in stages if s["name"] == "compress"],
+    }
+    return scrub_obj(summary, recipe_secret_env_names(recipe))
+
+
+# -- plots and card ------------------------------------------------------------------------------
+def write_plots(summary: dict[str, Any], out: Path) -> list[str]:
+    """The card's PNGs next to README.md; returns the file names written."""
+    written = []
+    lengths = summary.get("lengths") or {}
+    hists = dict(lengths.get("hists") or {})
+    unit = lengths.get("unit") or "tokens"
+    if not hists and lengths.get("completion_tokens"):
+        hists = {"teacher completion tokens": lengths["completion_tokens"]}
+        unit = "tokens"
+    if _plots.histograms(out / "token_lengths.png", hists, "trace length", unit):
+        written.append("token_lengths.png")
+    diff = summary.get("difficulty") or {}
+    if _plots.difficulty(out / "difficulty.png", diff.get("bands") or {}, diff.get("pass_rate")):
+        written.append("difficulty.png")
+    return written
+
+
+def front_matter(summary: dict[str, Any], card_opts: dict[str, Any], features: dict[str, Any] | None) -> dict[str, Any]:
+    splits = list(summary["rows"])
+    total = sum(summary["rows"].values())
+    tags = ["reasoning", "synthetic", "tracepipe", *FORMAT_TAGS.get(summary["format"], []), *summary.get("domains", [])]
+    tags += [t for t in card_opts.get("tags") or [] if t not in tags]
+    fm: dict[str, Any] = {
+        "pretty_name": card_opts.get("pretty_name") or summary["name"],
+        "license": card_opts.get("license") or summary.get("license") or "unknown",
+        "language": list(card_opts.get("language") or ["en"]),
+        "task_categories": list(card_opts.get("task_categories") or ["text-generation"]),
+        "size_categories": [size_category(total)],
+        "tags": list(dict.fromkeys(str(t) for t in tags)),
+        "configs": [{
+            "config_name": card_opts.get("config_name") or "default",
+            "data_files": [{"split": s, "path": f"data/{s}-*"} for s in splits],
+        }],
+    }
+    if features is not None:
+        fm["dataset_info"] = {
+            "features": features,
+            "splits": [{"name": s, "num_examples": int(summary["rows"][s]),
+                        "num_bytes": int(sum(f.get("bytes") or 0 for f in summary["files"] if f["split"] == s))} for s in splits],
+        }
+    return fm
+
+
+def hf_features(schema: Any) -> Any:
+    """The ``dataset_info.features`` YAML of an Arrow schema, as ``datasets`` writes it (or None)."""
+    try:
+        from datasets import Features
+
+        return Features.from_arrow_schema(schema)._to_yaml_list()
+    except Exception:  # pragma: no cover - datasets missing or a type it cannot express
+        return None
+
+
+def usage_snippet(fmt: str, repo_or_path: str) -> str:
+    load = f'from datasets import load_dataset\n\nds = load_dataset("{repo_or_path}")'
+    if fmt in ("sft-messages", "prompt-completion"):
+        return load + '\n\nfrom trl import SFTConfig, SFTTrainer\ntrainer = SFTTrainer(model="<model>", train_dataset=ds["train"], args=SFTConfig(output_dir="out"))\ntrainer.train()'
+    if fmt == "dpo-pairs":
+        return load + '\n\nfrom trl import DPOConfig, DPOTrainer\ntrainer = DPOTrainer(model="<model>", train_dataset=ds["train"], args=DPOConfig(output_dir="out"))\ntrainer.train()'
+    if fmt == "sharegpt":
+        return load + "\n\n# LLaMA-Factory: dataset_info.json in this repo declares formatting: sharegpt"
+    return load
+
+
+def render_card(summary: dict[str, Any], recipe_text: str | None, card_opts: dict[str, Any], features: Any, plots: list[str],
+                secret_names: set[str]) -> str:
+    fm = front_matter(summary, card_opts, features)
+    env = jinja_env()
+    text = env.get_template(CARD_TEMPLATE).render(
+        front_matter=yaml.safe_dump(fm, sort_keys=False, allow_unicode=True, width=1000).rstrip("\n"),
+        s=summary,
+        recipe_text=recipe_text,
+        plots=plots,
+        usage=usage_snippet(summary["format"], card_opts.get("repo") or summary["name"]),
+        extra_text=card_opts.get("text"),
+        isfinite=math.isfinite,
+    )
+    return scrub(text, secret_names)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import glob as globlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import xxhash
 
 from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
@@ -161,61 +162,39 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _read_files(paths: list[str]) -> pl.DataFrame:
-    frames = []
+CHUNK_ROWS = 20_000
+
+
+def _iter_files(paths: list[str]) -> Iterator[pl.DataFrame]:
     for p in paths:
         if p.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
-            frames.append(pl.read_ndjson(p, infer_schema_length=None))
+            yield from pl.scan_ndjson(p, infer_schema_length=None).collect_batches(chunk_size=CHUNK_ROWS)
         elif p.endswith(".parquet"):
-            frames.append(pl.read_parquet(p))
+            for batch in pq.ParquetFile(p).iter_batches(batch_size=CHUNK_ROWS):
+                yield pl.from_arrow(batch)  # type: ignore[misc]
         else:
             raise SourceError(f"{p}: unsupported file type (use .jsonl or .parquet, or `hf:`)")
-    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
 
 
-def _read_hf(spec: Any, base: Path) -> pl.DataFrame:
+def _iter_hf(spec: Any, base: Path) -> Iterator[pl.DataFrame]:
     import datasets
 
     local = (base / spec.hf) if not Path(spec.hf).is_absolute() else Path(spec.hf)
-    if local.is_dir() and (local / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(local))
-    elif local.is_dir() and (local / "state.json").exists():
+    if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()):
         ds = datasets.load_from_disk(str(local))
     else:
         ds = datasets.load_dataset(str(local) if local.exists() else spec.hf, name=spec.config, split=spec.split)
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[spec.split or "train"]
-    return pl.from_arrow(ds.data.table)  # type: ignore[return-value]
+    for batch in ds.data.table.to_batches(max_chunksize=CHUNK_ROWS):
+        yield pl.from_arrow(batch)  # type: ignore[misc]
 
 
-def load_source(spec: Any, base: Path, index: int) -> pl.DataFrame:
-    """Read one ``source[i]`` entry into canonical columns."""
-    where = f"source[{index}]"
-    if spec.hf:
-        label = spec.name or spec.hf.rstrip("/").rsplit("/", 1)[-1]
-        try:
-            df = _read_hf(spec, base)
-        except Exception as e:
-            raise SourceError(f"{where}: cannot load Hugging Face dataset {spec.hf!r}: {e}") from None
-    else:
-        pattern = spec.path if Path(spec.path).is_absolute() else str(base / spec.path)
-        paths = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        missing = [p for p in paths if not Path(p).exists()]
-        if not paths or missing:
-            raise SourceError(f"{where}.path: no such file: {spec.path} (looked for {missing[0] if missing else pattern})")
-        label = spec.name or Path(paths[0]).name.split(".")[0]
-        try:
-            df = _read_files(paths)
-        except SourceError:
-            raise
-        except Exception as e:
-            raise SourceError(f"{where}: cannot read {spec.path}: {e}") from None
-
+def _transform(df: pl.DataFrame, spec: Any, where: str, label: str) -> pl.DataFrame:
+    """Preset, column mapping, answer format, domain, source label and id for one chunk."""
     preset = PRESETS.get(spec.preset) if spec.preset else {}
     if spec.preset and preset is None:
         raise SourceError(f"{where}.preset: unknown preset {spec.preset!r}; known: {', '.join(sorted(PRESETS))}")
-    if spec.limit is not None:
-        df = df.head(spec.limit)
     if preset and "fn" in preset:
         try:
             df = preset["fn"](df)
@@ -234,10 +213,18 @@ def load_source(spec: Any, base: Path, index: int) -> pl.DataFrame:
 
     fmt = spec.answer_format or (preset.get("answer_format") if preset else None)
     if "answer" in df.columns:
-        values = [_num_to_str(v) if not isinstance(v, str) else v for v in df["answer"].to_list()]
-        if fmt:
-            values = [ANSWER_FORMATS[fmt](v) for v in values]
-        df = df.with_columns(pl.Series("answer", values, dtype=pl.String))
+        ans = df.get_column("answer")
+        if ans.dtype == pl.String and fmt == "gsm8k":
+            final = ans.str.extract(r"####\s*(.+?)\s*$", 1)
+            numeric = final.str.contains(r"^-?[\d,]+(\.\d+)?$")
+            df = df.with_columns(pl.when(numeric).then(final.str.replace_all(",", "")).otherwise(final).alias("answer"))
+        elif ans.dtype == pl.String and fmt in (None, "raw"):
+            df = df.with_columns(ans.str.strip_chars().alias("answer"))
+        else:
+            values = [_num_to_str(v) if not isinstance(v, str) else v for v in ans.to_list()]
+            if fmt:
+                values = [ANSWER_FORMATS[fmt](v) for v in values]
+            df = df.with_columns(pl.Series("answer", values, dtype=pl.String))
     else:
         df = df.with_columns(pl.lit(None, dtype=pl.String).alias("answer"))
     if "tests" in df.columns and df.schema["tests"] != pl.String:
@@ -245,30 +232,120 @@ def load_source(spec: Any, base: Path, index: int) -> pl.DataFrame:
     elif "tests" not in df.columns:
         df = df.with_columns(pl.lit(None, dtype=pl.String).alias("tests"))
     domain = spec.domain or (preset.get("domain") if preset else None) or "math"
-    df = df.with_columns(pl.lit(domain).alias("domain"), pl.lit(label).alias("source"))
-    df = df.with_columns(pl.col("problem").cast(pl.String))
-    if "id" in df.columns:
-        df = df.with_columns(pl.col("id").cast(pl.String))
-        null_ids = df["id"].is_null()
-    else:
-        null_ids = None
-    hashed = pl.Series("h", [xxhash.xxh3_64_hexdigest(normalize_text(p).encode()) for p in df["problem"].to_list()])
-    if null_ids is None:
-        df = df.with_columns(hashed.alias("id"))
-    else:
-        df = df.with_columns(pl.when(null_ids).then(hashed).otherwise(pl.col("id")).alias("id"))
+    df = df.with_columns(pl.lit(domain).alias("domain"), pl.lit(label).alias("source"), pl.col("problem").cast(pl.String))
+    if "id" not in df.columns:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("id"))
+    df = df.with_columns(pl.col("id").cast(pl.String))
+    if df["id"].null_count():
+        norm = df.select(normalized_expr("problem")).to_series()
+        hashed = pl.Series("h", [xxhash.xxh3_64_hexdigest(t.encode()) for t in norm.to_list()], dtype=pl.String)
+        df = df.with_columns(pl.col("id").fill_null(hashed))
     return df
 
 
-def load_sources(specs: list[Any], base: Path) -> pl.DataFrame:
-    """All source entries, concatenated in recipe order, with ``_key`` and ``_ord``."""
-    frames = [load_source(s, base, i) for i, s in enumerate(specs)]
-    df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+def normalized_expr(col: str) -> pl.Expr:
+    """Vectorized :func:`normalize_text`."""
+    return pl.col(col).cast(pl.String).fill_null("").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def iter_source(spec: Any, base: Path, index: int) -> Iterator[pl.DataFrame]:
+    """Chunks of one ``source[i]`` entry in canonical columns (bounded memory)."""
+    where = f"source[{index}]"
+    if spec.hf:
+        label = spec.name or spec.hf.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            chunks = _iter_hf(spec, base)
+        except Exception as e:
+            raise SourceError(f"{where}: cannot load Hugging Face dataset {spec.hf!r}: {e}") from None
+    else:
+        pattern = spec.path if Path(spec.path).is_absolute() else str(base / spec.path)
+        paths = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        missing = [p for p in paths if not Path(p).exists()]
+        if not paths or missing:
+            raise SourceError(f"{where}.path: no such file: {spec.path} (looked for {missing[0] if missing else pattern})")
+        label = spec.name or Path(paths[0]).name.split(".")[0]
+        chunks = _iter_files(paths)
+    remaining = spec.limit
+    try:
+        for chunk in chunks:
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                chunk = chunk.head(remaining)
+                remaining -= chunk.height
+            yield _transform(chunk, spec, where, label)
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{where}: cannot read {spec.path or spec.hf}: {type(e).__name__}: {e}") from None
+
+
+def load_source(spec: Any, base: Path, index: int) -> pl.DataFrame:
+    """One ``source[i]`` entry, all in memory (small sources, tests)."""
+    frames = list(iter_source(spec, base, index))
+    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+
+
+def _order_columns(df: pl.DataFrame) -> pl.DataFrame:
     ordered = [c for c in CANONICAL if c in df.columns] + [c for c in df.columns if c not in CANONICAL]
-    df = df.select(ordered)
-    occ = df.select(pl.int_range(pl.len()).over("source", "id").alias("occ"))["occ"]
-    key = pl.concat_str([pl.col("source"), pl.lit(":"), pl.col("id")])
-    df = df.with_columns(
-        pl.when(occ > 0).then(key + pl.lit("~") + occ.cast(pl.String)).otherwise(key).alias(KEY_COL),
-    ).with_row_index(ORDER_COL)
-    return df.with_columns(pl.col(ORDER_COL).cast(pl.Int64))
+    return df.select(ordered)
+
+
+def _with_keys(df: pl.DataFrame, seen: dict[str, int], start: int) -> pl.DataFrame:
+    """``_key`` = ``source:id`` (``~n`` for the n-th repeat of an id) and ``_ord``, across chunks."""
+    keys = []
+    for src, id_ in zip(df["source"].to_list(), df["id"].to_list()):
+        k = f"{src}:{id_}"
+        n = seen.get(k, 0)
+        seen[k] = n + 1
+        keys.append(f"{k}~{n}" if n else k)
+    return df.with_columns(
+        pl.Series(KEY_COL, keys, dtype=pl.String),
+        pl.int_range(start, start + df.height, dtype=pl.Int64).alias(ORDER_COL),
+    )
+
+
+def write_source_frame(specs: list[Any], base: Path, out: Path) -> int:
+    """Stream every source entry, in recipe order, into one Parquet frame; returns the row count.
+
+    Chunks are unified to one schema (columns missing in a chunk become nulls; types are relaxed
+    to a common supertype by a final rewrite only when chunks disagree).
+    """
+    seen: dict[str, int] = {}
+    n = 0
+    parts: list[Path] = []
+    for i, spec in enumerate(specs):
+        for chunk in iter_source(spec, base, i):
+            chunk = _with_keys(_order_columns(chunk), seen, n)
+            n += chunk.height
+            part = out.with_name(f"{out.stem}.{len(parts):05d}.parquet")
+            chunk.write_parquet(part, compression="lz4")
+            parts.append(part)
+    if not parts:
+        raise SourceError("source: no rows")
+    schemas = [pl.read_parquet_schema(p) for p in parts]
+    if all(s == schemas[0] for s in schemas):
+        tables = [pq.ParquetFile(p) for p in parts]
+        with pq.ParquetWriter(out, tables[0].schema_arrow, compression="lz4") as w:
+            for t in tables:
+                for rg in range(t.num_row_groups):
+                    w.write_table(t.read_row_group(rg))
+    else:
+        pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed").sink_parquet(out, compression="lz4")
+    for p in parts:
+        p.unlink()
+    return n
+
+
+def load_sources(specs: list[Any], base: Path) -> pl.DataFrame:
+    """All source entries in memory, with ``_key`` and ``_ord`` (small sources, tests)."""
+    seen: dict[str, int] = {}
+    frames = []
+    n = 0
+    for i, spec in enumerate(specs):
+        for chunk in iter_source(spec, base, i):
+            chunk = _with_keys(_order_columns(chunk), seen, n)
+            n += chunk.height
+            frames.append(chunk)
+    df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    return _order_columns(df)

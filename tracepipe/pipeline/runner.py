@@ -43,7 +43,7 @@ from tracepipe.pipeline.keys import (
 from tracepipe.pipeline.stats import RunStats, StageStats
 from tracepipe.pipeline.store import IDX_COL, StageStore, is_local
 from tracepipe.recipe import Recipe
-from tracepipe.sources import load_sources
+from tracepipe.sources import write_source_frame
 from tracepipe.stages import get_stage
 from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage, SetStage, Stage, StageContext
 
@@ -188,11 +188,8 @@ class Runner:
             result = RunResult(stats=stats)
             try:
                 t0 = time.perf_counter()
-                src = load_sources(self.recipe.source, self.recipe.base_dir)
                 frame = run_dir / "000-source.parquet"
-                src.write_parquet(frame, compression="lz4")
-                stats.source_rows = src.height
-                del src
+                stats.source_rows = write_source_frame(self.recipe.source, self.recipe.base_dir, frame)
                 stats.source_seconds = time.perf_counter() - t0
                 rejects: list[tuple[str, Path]] = []
                 quarantine: list[tuple[str, Path]] = []

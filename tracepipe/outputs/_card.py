@@ -36,6 +36,13 @@ SIZE_BINS = [
     (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
 ]
 HIST_BINS = 40
+BAND_ORDER = ("trivial", "easy", "medium", "hard", "very_hard", "unsolved")
+
+
+def band_sorted(counts: dict[str, int]) -> dict[str, int]:
+    """Difficulty bands in their natural order (easy, medium, hard), unknown labels after."""
+    rank = {b: i for i, b in enumerate(BAND_ORDER)}
+    return dict(sorted(counts.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
 def templates_dirs() -> list[Path]:
@@ -135,7 +142,7 @@ def length_stats(final: pl.LazyFrame) -> dict[str, Any]:
     else:
         before = pl.col("reasoning").str.len_chars().cast(pl.Float64) / 4.0
         after = (pl.coalesce(pl.col("reasoning_compressed"), pl.col("reasoning")).str.len_chars().cast(pl.Float64) / 4.0) if comp else None
-        out["unit"] = "≈ tokens (characters / 4)"
+        out["unit"] = "≈ tokens, chars/4"
     cols = [before.alias("before")] + ([after.alias("after")] if after is not None else [])
     if comp:
         cols.append(pl.col("reasoning_compressed").is_not_null().alias("compressed"))
@@ -194,7 +201,7 @@ def difficulty_stats(final: pl.LazyFrame) -> dict[str, Any] | None:
     df = per.collect()
     out: dict[str, Any] = {"problems": df.height, "bands": {}, "pass_rate": None}
     if "difficulty" in df.columns:
-        out["bands"] = {str(k): int(v) for k, v in df.group_by("difficulty").len().sort("difficulty").iter_rows()}
+        out["bands"] = band_sorted({str(k): int(v) for k, v in df.group_by("difficulty").len().iter_rows()})
     if "pass_rate" in df.columns:
         out["pass_rate"] = hist(df["pass_rate"].cast(pl.Float64).drop_nulls().to_numpy(), edges=[i / 10 for i in range(11)])
     return out

@@ -78,7 +78,7 @@ def _rejected_from_rejects(paths: list[str], schema: pl.Schema) -> list[pl.LazyF
             continue
         cols = [
             (pl.col(c).cast(schema[c]) if c in rs else pl.lit(None, dtype=schema[c])).alias(c)
-            for c in ROW_COLUMNS if c in schema
+            for c in schema if c in ROW_COLUMNS
         ]
         out.append(pl.scan_parquet(p).filter(pl.col("verdict") == "incorrect").select(cols))
     return out

@@ -12,9 +12,10 @@ One ``outputs[i]`` entry becomes, under its ``path``::
 
 The formatted rows are streamed once to a staging file, then cut per split into shards, so memory
 stays bounded by a row group. Row groups hold ``row_group_rows`` rows, fewer when rows are wide
-(at most ~64 MiB uncompressed per group), so streaming readers (``datasets`` streaming, the Hub
-viewer) fetch small pieces. Shards are written with content-defined chunking and a page index:
-the same rows give byte-identical files, so a re-push uploads only shards that changed.
+(at most ~64 MiB of Arrow data per group), so streaming readers (``datasets`` streaming, the Hub
+viewer) fetch small pieces. Shards fill up greedily to ``shard_size_mb`` in row order and are
+written with content-defined chunking and a page index: the same rows give byte-identical files,
+and appending rows leaves earlier shards' bytes unchanged, so a re-push uploads only new content.
 
 Everything is written into a temporary directory next to the output and swapped in at the end
 (readers see the old set or the new one). ``path`` may be an fsspec URL: the files are built
@@ -33,6 +34,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +67,6 @@ def split_expr(test_fraction: float) -> pl.Expr:
     return pl.when(bucket < cut).then(pl.lit("test")).otherwise(pl.lit("train"))
 
 
-def _row_group_rows(pf: pq.ParquetFile, requested: int) -> int:
-    """``requested``, lowered so one row group stays under ~64 MiB uncompressed."""
-    md = pf.metadata
-    if md.num_rows == 0 or md.num_row_groups == 0:
-        return requested
-    raw = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    per_row = max(1.0, raw / md.num_rows)
-    return max(1, min(requested, int(ROW_GROUP_MAX_BYTES // per_row)))
-
-
 def _small_types(t: pa.DataType) -> pa.DataType:
     """large_string / large_list -> string / list: row groups stay far below 2 GiB, and every
     reader (older ``datasets``, Spark, DuckDB) takes the 32-bit offset types."""
@@ -89,58 +81,74 @@ def _small_types(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+def _parquet_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
     kw: dict[str, Any] = {"compression": "zstd", "write_page_index": True}
     try:
-        return pq.ParquetWriter(path, schema, use_content_defined_chunking=True, **kw)
+        return pq.ParquetWriter(sink, schema, use_content_defined_chunking=True, **kw)
     except TypeError:  # pragma: no cover - pyarrow < 21
-        return pq.ParquetWriter(path, schema, **kw)
+        return pq.ParquetWriter(sink, schema, **kw)
+
+
+def row_groups(pf: pq.ParquetFile, schema: pa.Schema, rows_per_group: int) -> Iterator[pa.Table]:
+    """The rows of ``pf`` in order, as tables of exactly ``rows_per_group`` rows (the last may be
+    shorter); a group whose Arrow size passes ~64 MiB is cut into equal parts. Group boundaries
+    depend only on the rows before them, so appending rows never moves an earlier boundary."""
+    pending: list[pa.RecordBatch] = []
+    n = 0
+
+    def emit(t: pa.Table) -> Iterator[pa.Table]:
+        parts = max(1, math.ceil(t.nbytes / ROW_GROUP_MAX_BYTES))
+        step = math.ceil(t.num_rows / parts)
+        for start in range(0, t.num_rows, step):
+            yield t.slice(start, step)
+
+    for b in pf.iter_batches(batch_size=rows_per_group):
+        pending.append(b.cast(schema))
+        n += b.num_rows
+        while n >= rows_per_group:
+            t = pa.Table.from_batches(pending, schema=schema)
+            yield from emit(t.slice(0, rows_per_group))
+            rest = t.slice(rows_per_group)
+            pending, n = (rest.to_batches() if rest.num_rows else []), rest.num_rows
+    if n:
+        yield from emit(pa.Table.from_batches(pending, schema=schema))
 
 
 def write_shards(src: Path, out_dir: Path, split: str, shard_bytes: int, row_group_rows: int) -> list[dict[str, Any]]:
     """Cut ``src`` into ``<split>-NNNNN-of-NNNNN.parquet`` shards of about ``shard_bytes``.
 
-    Row order is kept; every row group but the last of a shard holds exactly the same number of
-    rows. Returns ``{"split", "file", "rows", "bytes", "row_groups", "columns"}`` per shard.
+    Row order is kept. Shards are filled greedily, row group by row group, until the bytes written
+    reach ``shard_bytes``, so a shard's content depends only on the rows up to its end: after rows
+    are appended, earlier shards are byte-identical (only their ``-of-`` count may change) and a
+    re-push uploads just the new content. Returns ``{"split", "file", "rows", "bytes",
+    "row_groups", "columns"}`` per shard.
     """
     pf = pq.ParquetFile(src)
-    rows = pf.metadata.num_rows
-    size = src.stat().st_size
-    n_shards = max(1, math.ceil(size / max(1, shard_bytes))) if rows else 1
-    per_shard = max(1, math.ceil(rows / n_shards)) if rows else 0
-    n_shards = max(1, math.ceil(rows / per_shard)) if rows else 1  # every shard non-empty
-    rg = _row_group_rows(pf, row_group_rows)
     schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in pf.schema_arrow])
-    files: list[dict[str, Any]] = []
-
-    def shard_path(i: int) -> Path:
-        return out_dir / f"{split}-{i:05d}-of-{n_shards:05d}.parquet"
-
-    if rows == 0:
-        _parquet_writer(shard_path(0), schema).close()
-    else:
-        batches = pf.iter_batches(batch_size=rg)
-        pending: list[pa.RecordBatch] = []
-        pending_rows = 0
-        for i in range(n_shards):
-            want = min(per_shard, rows - i * per_shard)
-            writer = _parquet_writer(shard_path(i), schema)
-            written = 0
-            while written < want:
-                take = min(rg, want - written)
-                while pending_rows < take:
-                    b = next(batches).cast(schema)
-                    pending.append(b)
-                    pending_rows += b.num_rows
-                table = pa.Table.from_batches(pending, schema=schema)
-                writer.write_table(table.slice(0, take), row_group_size=take)
-                rest = table.slice(take)
-                pending = rest.to_batches() if rest.num_rows else []
-                pending_rows = rest.num_rows
-                written += take
+    parts: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    sink: Any = None
+    for group in row_groups(pf, schema, row_group_rows):
+        if writer is None:
+            parts.append(out_dir / f".{split}-{len(parts):05d}.part")
+            sink = pa.OSFile(str(parts[-1]), "wb")
+            writer = _parquet_writer(sink, schema)
+        writer.write_table(group, row_group_size=group.num_rows)
+        if sink.tell() >= shard_bytes:
             writer.close()
-    for i in range(n_shards):
-        p = shard_path(i)
+            sink.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+        sink.close()
+    if not parts:  # no rows: one empty shard keeps the schema visible to loaders
+        parts.append(out_dir / f".{split}-00000.part")
+        with pa.OSFile(str(parts[0]), "wb") as empty:
+            _parquet_writer(empty, schema).close()
+    files: list[dict[str, Any]] = []
+    for i, part in enumerate(parts):
+        p = out_dir / f"{split}-{i:05d}-of-{len(parts):05d}.parquet"
+        part.rename(p)
         md = pq.ParquetFile(p).metadata
         files.append({"split": split, "file": f"data/{p.name}", "rows": md.num_rows, "bytes": p.stat().st_size,
                       "row_groups": md.num_row_groups, "columns": list(schema.names)})

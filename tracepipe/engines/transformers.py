@@ -13,7 +13,8 @@ Requests are generated one at a time (no padding, so greedy output is exactly th
 choice ``i`` of a seeded request uses ``torch.manual_seed(seed + i)``, vLLM's convention for
 ``n`` samples (the random streams differ from vLLM's, so only greedy outputs are comparable).
 ``finish_reason`` is ``stop`` when an eos token or a stop string ended the completion (the
-stop string is cut from the text, as vLLM does), else ``length``. :meth:`score` runs one
+stop string is cut from the text, as vLLM does), else ``length``; like vLLM's detokenizer, an
+incomplete UTF-8 character at the end of the text is left out. :meth:`score` runs one
 forward pass per sequence in float32 log-softmax and gathers the given ids. The fingerprint is
 the same as the ``vllm`` engine's for the same checkpoint, tokenizer and template.
 """
@@ -131,7 +132,9 @@ class TransformersEngine(Engine):
                     kw.update(stop_strings=list(s.stop), tokenizer=tok)
                 with torch.no_grad():
                     gen = self._model.generate(inp, attention_mask=torch.ones_like(inp), **kw)[0, len(ids):].tolist()
-                text = tok.decode(gen, skip_special_tokens=True)
+                # an incomplete UTF-8 character at the end decodes to U+FFFD; vLLM's incremental
+                # detokenizer never emits it, so neither do we (same text for the same tokens)
+                text = tok.decode(gen, skip_special_tokens=True).rstrip("\ufffd")
                 reason = "stop" if gen and gen[-1] in self._eos else "length"
                 for st in s.stop:
                     if st in text:

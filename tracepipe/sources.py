@@ -8,7 +8,9 @@ Output: one Parquet "frame" with the canonical columns (``id``, ``problem``, ``a
 from __future__ import annotations
 
 import glob as globlib
+import io
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import xxhash
 
+from tracepipe.pipeline.frames import digest_of
 from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
 
 CANONICAL = ("id", "problem", "answer", "tests", "domain", "source")
@@ -114,9 +117,9 @@ def _stdio_tests(inputs: list[str], outputs: list[str]) -> str:
 
 def _apps(df: pl.DataFrame) -> pl.DataFrame:
     tests = []
-    for io in df["input_output"].to_list():
+    for raw in df["input_output"].to_list():
         try:
-            d = json.loads(io) if io else {}
+            d = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
             d = {}
         tests.append(_stdio_tests(d.get("inputs", []), d.get("outputs", [])) if d.get("inputs") else None)
@@ -305,36 +308,137 @@ def _with_keys(df: pl.DataFrame, seen: dict[str, int], start: int) -> pl.DataFra
     )
 
 
-def write_source_frame(specs: list[Any], base: Path, out: Path) -> int:
-    """Stream every source entry, in recipe order, into one Parquet frame; returns the row count.
+SOURCE_VERSION = "1"
+CHUNK_BYTES = 4 << 20  # JSONL is cut into ~4 MiB chunks at line ends: appends touch only the tail
 
-    Chunks are unified to one schema (columns missing in a chunk become nulls; types are relaxed
-    to a common supertype by a final rewrite only when chunks disagree).
+
+def _jsonl_chunks(path: str) -> Iterator[bytes]:
+    """Chunks ending at a newline; a boundary depends only on the bytes before it."""
+    buf = b""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(CHUNK_BYTES)
+            if not block:
+                if buf.strip():
+                    yield buf
+                return
+            buf += block
+            cut = buf.rfind(b"\n")
+            if cut >= 0:
+                yield buf[: cut + 1]
+                buf = buf[cut + 1 :]
+
+
+def _spec_chunks(spec: Any, base: Path, index: int) -> Iterator[tuple[str, Any]]:
+    """(content digest, loader) per chunk of one source entry; loaders run only on cache misses."""
+    spec_fp = digest_of(SOURCE_VERSION, spec.model_dump(mode="json"))
+    where = f"source[{index}]"
+    if spec.hf:
+        import datasets
+
+        local = (base / spec.hf) if not Path(spec.hf).is_absolute() else Path(spec.hf)
+        try:
+            if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()):
+                ds = datasets.load_from_disk(str(local))
+            else:
+                ds = datasets.load_dataset(str(local) if local.exists() else spec.hf, name=spec.config, split=spec.split)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[spec.split or "train"]
+        except Exception as e:
+            raise SourceError(f"{where}: cannot load Hugging Face dataset {spec.hf!r}: {e}") from None
+        for i, batch in enumerate(ds.data.table.to_batches(max_chunksize=CHUNK_ROWS)):
+            yield digest_of(spec_fp, "hf", getattr(ds, "_fingerprint", spec.hf), i), (lambda b=batch: pl.from_arrow(b))
+        return
+    pattern = spec.path if Path(spec.path).is_absolute() else str(base / spec.path)
+    paths = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    missing = [p for p in paths if not Path(p).exists()]
+    if not paths or missing:
+        raise SourceError(f"{where}.path: no such file: {spec.path} (looked for {missing[0] if missing else pattern})")
+    for path in paths:
+        if path.endswith((".jsonl", ".json", ".ndjson")):
+            for chunk in _jsonl_chunks(path):
+                yield (
+                    digest_of(spec_fp, "jsonl", xxhash.xxh3_128_hexdigest(chunk)),
+                    (lambda c=chunk: pl.read_ndjson(io.BytesIO(c), infer_schema_length=None)),
+                )
+        elif path.endswith(".parquet"):
+            st = os.stat(path)
+            pf = pq.ParquetFile(path)
+            for i, batch in enumerate(pf.iter_batches(batch_size=CHUNK_ROWS)):
+                yield digest_of(spec_fp, "parquet", os.path.abspath(path), st.st_size, st.st_mtime_ns, i), (lambda b=batch: pl.from_arrow(b))
+        else:
+            raise SourceError(f"{where}.path: {path}: unsupported file type (use .jsonl or .parquet, or `hf:`)")
+
+
+def _spec_label(spec: Any, base: Path) -> str:
+    """The ``source`` column value: ``name``, else the dataset / first file's stem."""
+    if spec.name:
+        return str(spec.name)
+    if spec.hf:
+        return spec.hf.rstrip("/").rsplit("/", 1)[-1]
+    pattern = spec.path if Path(spec.path).is_absolute() else str(base / spec.path)
+    paths = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    return Path(paths[0] if paths else pattern).name.split(".")[0]
+
+
+def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
+    """Every source entry as content-addressed frame parts (parsed only when new), in order.
+
+    ``_key`` is ``<source>:<id>``; the n-th repeat of a key (in source order) gets ``~n``.
     """
-    seen: dict[str, int] = {}
-    n = 0
-    parts: list[Path] = []
+    from tracepipe.pipeline.frames import scan_parts
+
+    parts = []
     for i, spec in enumerate(specs):
-        for chunk in iter_source(spec, base, i):
-            chunk = _with_keys(_order_columns(chunk), seen, n)
-            n += chunk.height
-            part = out.with_name(f"{out.stem}.{len(parts):05d}.parquet")
-            chunk.write_parquet(part, compression="lz4")
+        where = f"source[{i}]"
+        label = _spec_label(spec, base)
+        remaining = spec.limit
+        for digest, load in _spec_chunks(spec, base, i):
+            if remaining is not None and remaining <= 0:
+                break
+            if remaining is not None:
+                digest = digest_of(digest, "limit", remaining)
+            part = cache.get(digest)
+            if part is None:
+                try:
+                    df = load()
+                except Exception as e:
+                    raise SourceError(f"{where}: cannot read {spec.path or spec.hf}: {type(e).__name__}: {e}") from None
+                if remaining is not None:
+                    df = df.head(remaining)
+                df = _transform(df, spec, where, label)
+                df = _order_columns(df).with_columns(
+                    pl.concat_str([pl.col("source"), pl.lit(":"), pl.col("id")]).alias(KEY_COL)
+                )
+                part = cache.put(digest, df, {"kind": "source"})
+            if remaining is not None:
+                remaining -= part.rows
             parts.append(part)
     if not parts:
         raise SourceError("source: no rows")
-    schemas = [pl.read_parquet_schema(p) for p in parts]
-    if all(s == schemas[0] for s in schemas):
-        tables = [pq.ParquetFile(p) for p in parts]
-        with pq.ParquetWriter(out, tables[0].schema_arrow, compression="lz4") as w:
-            for t in tables:
-                for rg in range(t.num_row_groups):
-                    w.write_table(t.read_row_group(rg))
-    else:
-        pl.concat([pl.scan_parquet(p) for p in parts], how="diagonal_relaxed").sink_parquet(out, compression="lz4")
-    for p in parts:
-        p.unlink()
-    return n
+    keys = scan_parts(parts, [KEY_COL]).with_row_index("_row").collect()
+    if keys[KEY_COL].is_duplicated().any():
+        occ = keys.select(pl.int_range(pl.len()).over(KEY_COL).alias("occ"))["occ"]
+        bounds = [0]
+        for p in parts:
+            bounds.append(bounds[-1] + p.rows)
+        fixed = []
+        for j, p in enumerate(parts):
+            o = occ.slice(bounds[j], p.rows)
+            if o.max() in (None, 0):
+                fixed.append(p)
+                continue
+            digest = digest_of(p.digest, "repeat-keys", o.to_list())
+            part = cache.get(digest)
+            if part is None:
+                df = pl.read_parquet(p.path)
+                df = df.with_columns(
+                    pl.when(o > 0).then(pl.col(KEY_COL) + pl.lit("~") + o.cast(pl.String)).otherwise(pl.col(KEY_COL)).alias(KEY_COL)
+                )
+                part = cache.put(digest, df, {"kind": "source"})
+            fixed.append(part)
+        parts = fixed
+    return parts
 
 
 def load_sources(specs: list[Any], base: Path) -> pl.DataFrame:

@@ -1,15 +1,21 @@
 """The runner: walks the recipe, asks the store what is missing, runs only that.
 
-Stage by stage, the current rows live in a Parquet "frame" under ``<workdir>/tmp/<run>``:
+Rows in flight are *frames*: ordered lists of immutable Parquet parts, content-addressed in
+``<workdir>/frames/`` (see :mod:`tracepipe.pipeline.frames`). Stage by stage:
 
-- a **row stage** hashes the columns it reads into ``_in_key`` for every row, anti-joins those
-  keys with its store, hands only the missing rows (in batches) to the executor, which commits a
-  part per batch, then joins the frame with the store to make the next frame;
-- a **set stage** reads only its columns, decides (or reuses the decision cached for exactly
-  this input), and joins the decision back.
+- a **row stage** maps every input part to an output part. A part whose output is already in the
+  frame cache costs nothing. For the others it hashes the columns the stage reads into
+  ``_in_key``, anti-joins those keys with the stage's store, hands only the missing rows (in
+  batches) to the executor, which commits a store part per batch, then joins each input part with
+  the store results to make its output part;
+- a **set stage** reads only its columns over all parts, decides (or reuses the decision cached
+  for exactly this input), and rewrites only the parts whose share of the decision changed.
 
-Dropped rows go to ``<workdir>/rejects/`` and failed rows to ``<workdir>/quarantine/`` with the
-stage and reason, so nothing is silently lost. ``plan`` does the same walk without processing.
+So a rerun does work in proportion to what changed: an appended JSONL chunk becomes one new part
+that flows through every stage; everything else is found in the cache. Memory is bounded by a
+part (and, for set stages, by the columns they read). Dropped rows go to
+``<workdir>/rejects/`` and failed rows to ``<workdir>/quarantine/`` with the stage and reason;
+nothing is silently lost. ``plan`` does the same walk without processing or caching anything.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import pyarrow.parquet as pq
 
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
+from tracepipe.pipeline.frames import FrameCache, Part, digest_of, scan_parts
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
     KEY_COL,
@@ -43,12 +50,14 @@ from tracepipe.pipeline.keys import (
 from tracepipe.pipeline.stats import RunStats, StageStats
 from tracepipe.pipeline.store import IDX_COL, StageStore, is_local
 from tracepipe.recipe import Recipe
-from tracepipe.sources import write_source_frame
+from tracepipe.sources import source_parts
 from tracepipe.stages import get_stage
 from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage, SetStage, Stage, StageContext
 
-RUNTIME_COLS = (KEY_COL, PARENT_COL, ORDER_COL)
-KEY_BATCH = 65536
+RUNTIME_COLS = (KEY_COL, PARENT_COL)
+#: input rows handled together when joining parts with store results (bounds memory)
+JOIN_GROUP_ROWS = 50_000
+RUNNER_VERSION = "2"
 
 
 class RunFailed(RuntimeError):
@@ -58,15 +67,17 @@ class RunFailed(RuntimeError):
 @dataclass
 class RunResult:
     stats: RunStats
-    final_frame: Path | None = None
+    final_parts: list[Part] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    def final_frame(self) -> pl.LazyFrame:
+        return scan_parts(self.final_parts)
 
 
 class Progress:
     """Thin wrapper over rich progress so the runner works with and without a terminal."""
 
     def __init__(self, enabled: bool, console: Any = None) -> None:
-        self.enabled = enabled
         self._p = None
         if enabled:
             from rich.progress import (
@@ -76,20 +87,12 @@ class Progress:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
-            from rich.progress import (
-                Progress as RichProgress,
-            )
+            from rich.progress import Progress as RichProgress
 
             self._p = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=False,
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console, transient=False,
             )
 
     def __enter__(self) -> Progress:
@@ -102,9 +105,7 @@ class Progress:
             self._p.stop()
 
     def task(self, description: str, total: int) -> Any:
-        if not self._p:
-            return None
-        return self._p.add_task(description, total=total, rate="")
+        return self._p.add_task(description, total=total, rate="") if self._p else None
 
     def advance(self, task: Any, n: int, rate: str) -> None:
         if self._p and task is not None:
@@ -127,8 +128,17 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
         fh.close()
 
 
-def frame_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+def _with_order(lf: pl.LazyFrame, schema: pl.Schema) -> list[str]:
+    cols = [c for c in schema if c not in RUNTIME_COLS and c != ORDER_COL]
+    return cols + [c for c in RUNTIME_COLS if c in schema]
+
+
+def _reasons(parts_meta: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in parts_meta:
+        for r, n in (m.get("dropped") or {}).items():
+            out[r] = out.get(r, 0) + int(n)
+    return out
 
 
 class Runner:
@@ -145,7 +155,9 @@ class Runner:
         self.workdir = recipe.workdir_path()
         self.local_workdir = Path(self.workdir) if is_local(self.workdir) else None
         spec = recipe.executor
-        self.executor = executor or get_executor(spec.kind, **({"workers": spec.workers} if spec.kind == "local" else {"address": spec.address, **spec.options}))
+        self.executor = executor or get_executor(
+            spec.kind, **({"workers": spec.workers} if spec.kind == "local" else {"address": spec.address, **spec.options})
+        )
         self.progress = progress
         self.console = console
         self.ctx = StageContext(
@@ -166,8 +178,7 @@ class Runner:
     def build_stages(self) -> list[tuple[Stage, StageStore, str]]:
         out = []
         for spec in self.recipe.stage_specs:
-            cls = get_stage(spec.name)
-            stage = cls(spec.params, self.ctx)
+            stage = get_stage(spec.name)(spec.params, self.ctx)
             fp_inputs = stage.fingerprint_inputs()
             fp = fingerprint(fp_inputs)
             out.append((stage, StageStore(self.workdir, spec.name, fp, meta=fp_inputs), fp))
@@ -181,17 +192,18 @@ class Runner:
         base = self.local_workdir or Path("/tmp") / "tracepipe" / self.recipe.name
         with workdir_lock(base):
             tmp_root = base / "tmp"
-            if tmp_root.exists():  # stale frames of killed runs (we hold the lock)
+            if tmp_root.exists():  # stale scratch of killed runs (we hold the lock)
                 shutil.rmtree(tmp_root, ignore_errors=True)
             run_dir = tmp_root / run_id
             run_dir.mkdir(parents=True)
+            self.cache = FrameCache(base / "frames", scratch=run_dir / "frames" if plan else None)
             result = RunResult(stats=stats)
             try:
                 t0 = time.perf_counter()
-                frame = run_dir / "000-source.parquet"
-                stats.source_rows = write_source_frame(self.recipe.source, self.recipe.base_dir, frame)
+                parts = source_parts(self.recipe.source, self.recipe.base_dir, self.cache)
+                stats.source_rows = sum(p.rows for p in parts)
                 stats.source_seconds = time.perf_counter() - t0
-                rejects: list[tuple[str, Path]] = []
+                rejects: list[tuple[str, list[Part]]] = []
                 quarantine: list[tuple[str, Path]] = []
                 pending = False
                 with Progress(self.progress and not plan, self.console) as prog:
@@ -200,31 +212,39 @@ class Runner:
                         stats.stages.append(st)
                         t_stage = time.perf_counter()
                         tag = f"{i + 1:03d}-{stage.name}"
+                        quar: Path | None = None
                         if isinstance(stage, RowStage):
-                            frame, rej, quar = self._row_stage(stage, store, frame, run_dir, tag, st, plan, prog)
+                            parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
                             if quar is not None:
                                 quarantine.append((tag, quar))
                         elif isinstance(stage, SetStage):
-                            frame, rej = self._set_stage(stage, store, frame, run_dir, tag, st, plan)
+                            parts, rej = self._set_stage(stage, store, fp, parts, st, plan)
                         else:  # pragma: no cover
                             raise RunFailed(f"stage {stage.name!r} is neither a row nor a set stage")
-                        if rej is not None:
-                            rejects.append((tag, rej))
+                        rejects.append((tag, rej))
+                        st.rows_out = sum(p.rows for p in parts)
+                        st.dropped = _reasons([p.meta for p in rej])
+                        if parts:
+                            st.extra.update(stage.summarize(scan_parts(parts)))
                         st.seconds = time.perf_counter() - t_stage
                         pending = pending or st.to_compute > 0
                         if not plan:
-                            self._check_errors(stage, st, quar if isinstance(stage, RowStage) else None)
-                result.final_frame = frame
+                            self._check_errors(stage, st, quar)
+                result.final_parts = parts
                 if not plan:
-                    self._publish(rejects, "rejects")
-                    self._publish(quarantine, "quarantine")
+                    self._publish_rejects(rejects)
+                    self._publish_files(quarantine, "quarantine")
                     stats.seconds = time.perf_counter() - t_run
                     from tracepipe.outputs._writer import write_output
 
+                    final = scan_parts(parts) if parts else None
                     for out_spec in self.recipe.outputs:
-                        info = write_output(pl.scan_parquet(frame), out_spec, self.recipe, stats.to_dict())
-                        stats.outputs.append(info)
+                        if final is None:
+                            continue
+                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict()))
                     result.outputs = stats.outputs
+                    keep = {p.digest for p in parts} | self.cache.used
+                    self.cache.gc(keep)
             except BaseException as e:
                 stats.ok = False
                 stats.error = f"{type(e).__name__}: {e}"
@@ -242,67 +262,117 @@ class Runner:
         if st.error_keys and st.error_keys / denom > self.recipe.max_error_rate:
             first = ""
             if quar is not None and quar.exists():
-                q = pl.read_parquet(quar, columns=["id", "_error"] if "id" in pl.read_parquet_schema(quar) else ["_error"]).head(1)
+                names = pq.read_schema(quar).names
+                q = pl.read_parquet(quar, columns=[c for c in ("id", "_error") if c in names]).head(1)
                 first = f"; first: {q.row(0, named=True)}"
-            # keep the quarantine of the failing stage queryable
-            if quar is not None and quar.exists():
-                self._publish([(f"{st.index + 1:03d}-{stage.name}", quar)], "quarantine")
+                self._publish_files([(f"{st.index + 1:03d}-{stage.name}", quar)], "quarantine")
             raise RunFailed(
-                f"stage {stage.name!r} (stages[{st.index}]) quarantined {st.errors} of {st.computed} rows "
-                f"({st.error_keys / denom:.1%} of distinct inputs > max_error_rate {self.recipe.max_error_rate:.1%}){first}. "
-                f"Committed results are kept; see {self.workdir}/quarantine/."
+                f"stage {stage.name!r} (stages[{st.index}]) quarantined {st.errors} rows: {st.error_keys} of "
+                f"{st.computed} distinct inputs ({st.error_keys / denom:.1%} > max_error_rate "
+                f"{self.recipe.max_error_rate:.1%}){first}. Committed results are kept; see {self.workdir}/quarantine/."
             )
 
     # -- row stages ----------------------------------------------------------------------------
-    def _keys_frame(self, stage: Stage, frame: Path, out: Path) -> None:
-        cols = [c for c in stage.input_columns() if c in pq.read_schema(frame).names]
-        pf = pq.ParquetFile(frame)
-        writer = None
-        for batch in pf.iter_batches(batch_size=KEY_BATCH, columns=[KEY_COL, *cols]):
-            df = pl.from_arrow(batch)
-            assert isinstance(df, pl.DataFrame)
-            keys = df.select(KEY_COL).with_columns(row_keys(df, stage.input_columns()))
-            table = keys.to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(out, table.schema, compression="lz4")
-            writer.write_table(table)
-        if writer is None:
-            pl.DataFrame(schema={KEY_COL: pl.String, IN_KEY_COL: pl.String}).write_parquet(out)
-        else:
-            writer.close()
+    def _keys(self, stage: Stage, part: Part) -> pl.DataFrame:
+        """``_in_key`` for every row of a part, in row order."""
+        names = pq.read_schema(part.path).names
+        cols = [c for c in stage.input_columns() if c in names]
+        df = pl.read_parquet(part.path, columns=cols) if cols else pl.DataFrame({"_": [None] * part.rows})
+        return row_keys(df, stage.input_columns()).to_frame()
 
     def _row_stage(
-        self, stage: RowStage, store: StageStore, frame: Path, run_dir: Path, tag: str,
+        self, stage: RowStage, store: StageStore, fp: str, parts: list[Part], run_dir: Path, tag: str,
         st: StageStats, plan: bool, prog: Progress,
-    ) -> tuple[Path, Path | None, Path | None]:
-        keys_path = run_dir / f"{tag}.keys.parquet"
-        self._keys_frame(stage, frame, keys_path)
-        keys = pl.read_parquet(keys_path)
-        st.rows_in = keys.height
-        uniq = keys.select(IN_KEY_COL).unique(maintain_order=True)
-        stored = store.keys()
-        missing = uniq.filter(~pl.col(IN_KEY_COL).is_in(pl.Series(list(stored), dtype=pl.String).implode()))
-        del stored
-        st.keys = uniq.height
-        st.to_compute = missing.height
-        st.cached = uniq.height - missing.height
+    ) -> tuple[list[Part], list[Part], Path | None]:
+        out: list[Part | None] = []
+        rej: list[Part] = []
+        todo: list[int] = []
+        digests = [digest_of(RUNNER_VERSION, "row", p.digest, fp) for p in parts]
+        for j, (p, d) in enumerate(zip(parts, digests)):
+            st.rows_in += p.rows
+            cached = self.cache.get(d)
+            if cached is None:
+                todo.append(j)
+                out.append(None)
+                continue
+            out.append(cached)
+            st.cached += p.rows
+            r = self.cache.get(d + "-rej")
+            if r is not None:
+                rej.append(r)
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
-        lf = pl.scan_parquet(frame)
-        present = [c for c in stage.input_columns() if c in lf.collect_schema()]
-        if missing.height and not plan:
-            todo = run_dir / f"{tag}.todo.parquet"
-            (
-                lf.select(KEY_COL, *present)
-                .join(pl.scan_parquet(keys_path), on=KEY_COL, how="inner", maintain_order="left")
-                .join(missing.lazy(), on=IN_KEY_COL, how="semi", maintain_order="left")
-                .unique(IN_KEY_COL, keep="first", maintain_order=True)
-                .select(IN_KEY_COL, *present)
-                .sink_parquet(todo, compression="lz4")
-            )
-            errors = self._process(stage, store, todo, st, prog)
-            todo.unlink()
-        st.error_keys = errors.height
-        return self._join_results(stage, store, frame, keys_path, errors, run_dir, tag, st)
+        if todo:
+            keys = {j: self._keys(stage, parts[j]) for j in todo}
+            all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
+            stored = store.keys()
+            missing = all_keys.filter(~pl.col(IN_KEY_COL).is_in(pl.Series(list(stored), dtype=pl.String).implode()))
+            st.keys = all_keys.height
+            st.to_compute = missing.height
+            miss = missing[IN_KEY_COL].implode()
+            st.cached += sum(int((~keys[j][IN_KEY_COL].is_in(miss)).sum()) for j in todo)
+            del stored
+            if missing.height and not plan:
+                errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+            st.error_keys = errors.height
+            res = store.scan()
+            quar_frames: list[pl.LazyFrame] = []
+            # join the parts with the results, a group of parts at a time (bounded memory)
+            group: list[int] = []
+            rows = 0
+            for n, j in enumerate(todo):
+                group.append(j)
+                rows += parts[j].rows
+                if rows < JOIN_GROUP_ROWS and n < len(todo) - 1:
+                    continue
+                for jj in group:
+                    kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], res, errors, digests[jj], plan)
+                    out[jj] = kept
+                    if dropped is not None:
+                        rej.append(dropped)
+                    if quar is not None:
+                        quar_frames.append(quar)
+                group, rows = [], 0
+            quar_path = None
+            if quar_frames:
+                quar_path = run_dir / f"{tag}.quarantine.parquet"
+                pl.concat(quar_frames, how="diagonal_relaxed").with_columns(pl.lit(stage.name).alias("_stage")).sink_parquet(quar_path)
+                st.errors = pq.ParquetFile(quar_path).metadata.num_rows
+        else:
+            quar_path = None
+        final = [p for p in out if p is not None and p.rows > 0]
+        return final, rej, quar_path
+
+    def _compute(
+        self, stage: RowStage, store: StageStore, parts: list[Part], keys: dict[int, pl.DataFrame],
+        missing: pl.DataFrame, run_dir: Path, tag: str, st: StageStats, prog: Progress,
+    ) -> pl.DataFrame:
+        """Gather the missing rows (columns the stage reads, one row per key) and process them."""
+        todo_path = run_dir / f"{tag}.todo.parquet"
+        writer = None
+        want = set(missing[IN_KEY_COL].to_list())
+        for p, k in zip(parts, keys.values()):
+            names = pq.read_schema(p.path).names
+            cols = [c for c in stage.input_columns() if c in names]
+            df = (pl.read_parquet(p.path, columns=cols) if cols else pl.DataFrame()).with_columns(k[IN_KEY_COL])
+            df = df.filter(pl.col(IN_KEY_COL).is_in(pl.Series(list(want), dtype=pl.String).implode()))
+            df = df.unique(IN_KEY_COL, keep="first", maintain_order=True)
+            if not df.height:
+                continue
+            want.difference_update(df[IN_KEY_COL].to_list())
+            df = df.select(IN_KEY_COL, *cols)
+            table = df.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(todo_path, table.schema, compression="lz4")
+                schema = table.schema
+            elif table.schema != schema:
+                table = table.cast(schema) if set(table.schema.names) == set(schema.names) else table
+            writer.write_table(table.select(schema.names))
+        if writer is None:
+            return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
+        writer.close()
+        errors = self._process(stage, store, todo_path, st, prog)
+        todo_path.unlink()
+        return errors
 
     def _process(self, stage: RowStage, store: StageStore, todo: Path, st: StageStats, prog: Progress) -> pl.DataFrame:
         pf = pq.ParquetFile(todo)
@@ -316,9 +386,6 @@ class Runner:
                 assert isinstance(df, pl.DataFrame)
                 yield df
 
-        def commit(df: pl.DataFrame) -> None:
-            store.commit(df)
-
         def on_progress(res: BatchResult) -> None:
             st.computed += res.n_in
             if "completion_tokens" in res.ok.columns:
@@ -328,75 +395,71 @@ class Runner:
             prog.advance(task, res.n_in, rate)
 
         try:
-            return self.executor.run_row_stage(stage, batches(), commit, on_progress)
+            return self.executor.run_row_stage(stage, batches(), store.commit, on_progress)
         finally:
             st.compute_seconds = time.perf_counter() - t0
 
-    def _join_results(
-        self, stage: RowStage, store: StageStore, frame: Path, keys_path: Path, errors: pl.DataFrame,
-        run_dir: Path, tag: str, st: StageStats,
-    ) -> tuple[Path, Path | None, Path | None]:
-        lf = pl.scan_parquet(frame)
-        schema = lf.collect_schema()
-        res = store.scan()
-        next_frame = run_dir / f"{tag}.parquet"
-        rej_path = run_dir / f"{tag}.rejects.parquet"
-        quar_path = run_dir / f"{tag}.quarantine.parquet"
-        base = lf.join(pl.scan_parquet(keys_path), on=KEY_COL, how="inner", maintain_order="left")
-        if errors.height:
-            base.join(errors.lazy(), on=IN_KEY_COL, how="inner", maintain_order="left").with_columns(
-                pl.lit(stage.name).alias("_stage")
-            ).drop(IN_KEY_COL).sink_parquet(quar_path)
-            st.errors = frame_rows(quar_path)
+    def _join_part(
+        self, stage: RowStage, part: Part, keys: pl.DataFrame, res: pl.LazyFrame | None, errors: pl.DataFrame,
+        digest: str, plan: bool,
+    ) -> tuple[Part, Part | None, pl.LazyFrame | None]:
+        """One input part joined with the stage's results: kept rows, rejects, quarantined rows."""
+        df = pl.read_parquet(part.path).with_columns(keys[IN_KEY_COL])
+        quar = None
+        failed = df.filter(pl.col(IN_KEY_COL).is_in(errors[IN_KEY_COL].implode())) if errors.height else df.head(0)
+        if failed.height:
+            quar = failed.join(errors, on=IN_KEY_COL, how="left").drop(IN_KEY_COL).lazy()
         if res is None:
-            lf.head(0).sink_parquet(next_frame)
-            return next_frame, None, quar_path if errors.height else None
-        res_cols = [c for c in res.collect_schema() if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]
-        keep_cols = [c for c in schema if c not in res_cols]
-        joined = base.select(*keep_cols, IN_KEY_COL).join(res, on=IN_KEY_COL, how="inner", maintain_order="left_right")
-        fanout = bool(getattr(stage, "fanout", False))
-        if fanout:
+            joined = df.head(0).with_columns(pl.lit(None, dtype=pl.Int32).alias(IDX_COL), pl.lit(None, dtype=pl.String).alias(DROP_COL))
+        else:
+            mine = res.join(df.select(IN_KEY_COL).unique().lazy(), on=IN_KEY_COL, how="semi").collect()
+            res_cols = [c for c in mine.columns if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]
+            joined = df.drop([c for c in res_cols if c in df.columns]).join(
+                mine, on=IN_KEY_COL, how="inner", maintain_order="left_right"
+            )
+        if getattr(stage, "fanout", False):
             joined = joined.with_columns(
                 pl.col(KEY_COL).alias(PARENT_COL),
                 pl.concat_str([pl.col(KEY_COL), pl.lit(f"/{stage.name}:"), pl.col(IDX_COL).cast(pl.String)]).alias(KEY_COL),
             )
-        kept = (
-            joined.filter(pl.col(DROP_COL).is_null())
-            .drop(IN_KEY_COL, IDX_COL, DROP_COL, ORDER_COL)
-            .with_row_index(ORDER_COL)
-            .with_columns(pl.col(ORDER_COL).cast(pl.Int64))
-        )
-        cols = kept.collect_schema().names()
-        order = [c for c in cols if c not in RUNTIME_COLS] + [c for c in RUNTIME_COLS if c in cols]
-        kept.select(order).sink_parquet(next_frame, compression="lz4", maintain_order=True)
+        kept = joined.filter(pl.col(DROP_COL).is_null()).drop(IN_KEY_COL, IDX_COL, DROP_COL)
+        kept = kept.select(_with_order(kept.lazy(), kept.schema))
         dropped = joined.filter(pl.col(DROP_COL).is_not_null()).drop(IN_KEY_COL, IDX_COL).rename({DROP_COL: "_reason"}).with_columns(
             pl.lit(stage.name).alias("_stage")
         )
-        dropped.sink_parquet(rej_path, compression="zstd", maintain_order=True)
-        st.rows_out = frame_rows(next_frame)
-        reasons = pl.scan_parquet(rej_path).group_by("_reason").len().collect()
-        st.dropped = {r: int(n) for r, n in reasons.iter_rows()}
-        st.extra.update(stage.summarize(pl.scan_parquet(next_frame)))
-        return next_frame, rej_path if sum(st.dropped.values()) else None, quar_path if errors.height else None
+        have = joined[IN_KEY_COL].n_unique() if joined.height else 0
+        complete = not plan and not failed.height and have == df[IN_KEY_COL].n_unique()
+        drops = dict(dropped.group_by("_reason").len().iter_rows()) if dropped.height else {}
+        # a part is cached only when every row has a committed result (errors are retried)
+        d = digest if complete else digest_of(digest, "partial", uuid.uuid4().hex)
+        rej_part = self.cache.put(d + "-rej", dropped, {"dropped": drops}) if dropped.height else None
+        out = self.cache.put(d, kept, {"dropped": drops})
+        return out, rej_part, quar
 
     # -- set stages ----------------------------------------------------------------------------
     def _set_stage(
-        self, stage: SetStage, store: StageStore, frame: Path, run_dir: Path, tag: str, st: StageStats, plan: bool,
-    ) -> tuple[Path, Path | None]:
-        lf = pl.scan_parquet(frame)
-        schema = lf.collect_schema()
+        self, stage: SetStage, store: StageStore, fp: str, parts: list[Part], st: StageStats, plan: bool,
+    ) -> tuple[list[Part], list[Part]]:
+        if not parts:
+            return [], []
+        schema = scan_parts(parts).collect_schema()
         present = [c for c in stage.input_columns() if c in schema]
-        df = lf.select(KEY_COL, ORDER_COL, *present).collect()
+        frames = []
+        for j, p in enumerate(parts):
+            frames.append(pl.read_parquet(p.path, columns=[KEY_COL, *present]).with_columns(pl.lit(j, dtype=pl.Int32).alias("_part")))
+        df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+        del frames
+        df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
         st.rows_in = st.keys = df.height
         buf = io.BytesIO()
-        df.write_ipc(buf, compression="uncompressed")
+        df.drop("_part").write_ipc(buf, compression="uncompressed")
         digest = hash_text(buf.getvalue())
         del buf
         decision = store.load_decision(digest)
         if decision is None:
             st.to_compute = df.height
             t0 = time.perf_counter()
-            decision = stage.decide(df)
+            decision = stage.decide(df.drop("_part"))
             if DROP_COL not in decision.columns:
                 decision = decision.with_columns(pl.lit(None, dtype=pl.String).alias(DROP_COL))
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
@@ -406,37 +469,62 @@ class Runner:
                 store.save_decision(digest, decision)
         else:
             st.cached = df.height
+        missing_note = f"{stage.name}: not selected"
+        full = df.select(KEY_COL, "_part").join(decision, on=KEY_COL, how="left", maintain_order="left")
+        decided = df.select(KEY_COL).join(decision.select(KEY_COL), on=KEY_COL, how="semi")
+        if decided.height < df.height:
+            has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
+            full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
         del df
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
-        joined = (
-            lf.drop([c for c in adds if c in schema])
-            .join(decision.lazy(), on=KEY_COL, how="left", maintain_order="left")
-        )
-        decided = set(decision[KEY_COL].to_list())
-        missing_note = f"{stage.name}: not selected"
-        joined = joined.with_columns(
-            pl.when(pl.col(KEY_COL).is_in(pl.Series(list(decided), dtype=pl.String).implode()))
-            .then(pl.col(DROP_COL))
-            .otherwise(pl.lit(missing_note))
-            .alias(DROP_COL)
-        )
-        next_frame = run_dir / f"{tag}.parquet"
-        rej_path = run_dir / f"{tag}.rejects.parquet"
-        kept = joined.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL, ORDER_COL).with_row_index(ORDER_COL).with_columns(
-            pl.col(ORDER_COL).cast(pl.Int64)
-        )
-        kept.sink_parquet(next_frame, compression="lz4", maintain_order=True)
-        joined.filter(pl.col(DROP_COL).is_not_null()).rename({DROP_COL: "_reason"}).with_columns(
-            pl.lit(stage.name).alias("_stage")
-        ).sink_parquet(rej_path, compression="zstd", maintain_order=True)
-        st.rows_out = frame_rows(next_frame)
-        reasons = pl.scan_parquet(rej_path).group_by("_reason").len().collect()
-        st.dropped = {r: int(n) for r, n in reasons.iter_rows()}
-        st.extra.update(stage.summarize(pl.scan_parquet(next_frame)))
-        return next_frame, rej_path if sum(st.dropped.values()) else None
+        out: list[Part] = []
+        rej: list[Part] = []
+        for j, p in enumerate(parts):
+            sub = full.filter(pl.col("_part") == j).drop("_part")
+            buf = io.BytesIO()
+            sub.write_ipc(buf, compression="uncompressed")
+            d = digest_of(RUNNER_VERSION, "set", p.digest, fp, hash_text(buf.getvalue()))
+            cached = self.cache.get(d)
+            if cached is not None:
+                if cached.rows:
+                    out.append(cached)
+                r = self.cache.get(d + "-rej")
+                if r is not None:
+                    rej.append(r)
+                continue
+            pdf = pl.read_parquet(p.path)
+            joined = pdf.drop([c for c in adds if c in pdf.columns]).join(sub, on=KEY_COL, how="left", maintain_order="left")
+            kept = joined.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
+            dropped = joined.filter(pl.col(DROP_COL).is_not_null()).rename({DROP_COL: "_reason"}).with_columns(pl.lit(stage.name).alias("_stage"))
+            drops = dict(dropped.group_by("_reason").len().iter_rows()) if dropped.height else {}
+            if dropped.height:
+                rej.append(self.cache.put(d + "-rej", dropped, {"dropped": drops}))
+            part = self.cache.put(d, kept.select(_with_order(kept.lazy(), kept.schema)), {"dropped": drops})
+            if part.rows:
+                out.append(part)
+        return out, rej
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def _publish(self, items: list[tuple[str, Path]], kind: str) -> None:
+    def _publish_rejects(self, items: list[tuple[str, list[Part]]]) -> None:
+        """``<workdir>/rejects/<NNN>-<stage>.parquet``: every row a stage dropped, with ``_reason``."""
+        if self.local_workdir is None:
+            return
+        files: list[tuple[str, Path]] = []
+        tmp = self.local_workdir / f".rejects-build-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        for tag, parts in items:
+            if not parts:
+                continue
+            path = tmp / f"{tag}.parquet"
+            if len(parts) == 1:
+                shutil.copyfile(parts[0].path, path)
+            else:
+                scan_parts(parts).sink_parquet(path, compression="zstd")
+            files.append((tag, path))
+        self._publish_files(files, "rejects")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish_files(self, items: list[tuple[str, Path]], kind: str) -> None:
         """Replace ``<workdir>/<kind>/`` with this run's files (the current state, queryable)."""
         if self.local_workdir is None:
             return

@@ -1,0 +1,116 @@
+"""Frames: the rows in flight, as ordered lists of immutable, content-addressed Parquet parts.
+
+A part's ``digest`` is derived from what produced it (source bytes, or the input part's digest +
+the stage fingerprint + the stage's results for its rows), never from a clock, so a rerun that
+meets the same inputs finds the same part in ``<workdir>/frames/`` and does no work for it.
+That makes reruns proportional to what changed (an appended JSONL chunk flows through every
+stage as one new part) and keeps memory bounded by a part, not by the dataset.
+
+Each cached part has a sidecar ``<digest>.json`` (rows, drop counts, ...) written after the
+Parquet file, so a part whose sidecar exists is complete (a ``kill -9`` leaves at most an
+orphan temp file, removed by the next run's garbage collection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from tracepipe.pipeline.keys import fingerprint
+
+
+@dataclass(frozen=True)
+class Part:
+    path: Path
+    digest: str
+    rows: int
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def digest_of(*items: Any) -> str:
+    return fingerprint(list(items), length=32)
+
+
+class FrameCache:
+    """``<workdir>/frames/<digest>.parquet`` + ``.json`` sidecars; ``dry`` writes to a temp dir."""
+
+    def __init__(self, root: Path, scratch: Path | None = None) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.scratch = scratch  # plan mode: new parts go here and are thrown away
+        self.used: set[str] = set()
+
+    def _dir(self, digest: str) -> Path:
+        if self.scratch is not None and not (self.root / f"{digest}.json").exists():
+            return self.scratch
+        return self.root
+
+    def get(self, digest: str) -> Part | None:
+        for d in (self.root, self.scratch):
+            if d is None:
+                continue
+            side = d / f"{digest}.json"
+            if side.exists() and (d / f"{digest}.parquet").exists():
+                meta = json.loads(side.read_text())
+                self.used.add(digest)
+                return Part(d / f"{digest}.parquet", digest, int(meta["rows"]), meta)
+        return None
+
+    def put(self, digest: str, data: pl.DataFrame | pl.LazyFrame, meta: dict[str, Any] | None = None) -> Part:
+        d = self.scratch if self.scratch is not None else self.root
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{digest}.parquet"
+        tmp = d / f".tmp-{uuid.uuid4().hex}.parquet"
+        if isinstance(data, pl.LazyFrame):
+            data.sink_parquet(tmp, compression="lz4", maintain_order=True)
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(tmp).metadata.num_rows
+        else:
+            data.write_parquet(tmp, compression="lz4")
+            rows = data.height
+        os.replace(tmp, path)
+        m = {**(meta or {}), "rows": rows}
+        side_tmp = d / f".tmp-{uuid.uuid4().hex}.json"
+        side_tmp.write_text(json.dumps(m, default=str))
+        os.replace(side_tmp, d / f"{digest}.json")
+        self.used.add(digest)
+        return Part(path, digest, rows, m)
+
+    def gc(self, keep: set[str]) -> int:
+        """Delete parts not in ``keep`` (and orphan temp files); returns files removed."""
+        n = 0
+        for p in self.root.iterdir():
+            stem = p.name.split(".")[0]
+            if p.name.startswith(".tmp-") or (stem not in keep and p.suffix in (".parquet", ".json")):
+                try:
+                    p.unlink()
+                    n += 1
+                except OSError:
+                    pass
+        return n
+
+
+def scan_parts(parts: list[Part], columns: list[str] | None = None) -> pl.LazyFrame:
+    """All parts as one LazyFrame, in order (schemas relaxed to a common supertype)."""
+    if not parts:
+        raise ValueError("no parts")
+    scans = [pl.scan_parquet(p.path) for p in parts]
+    if columns is not None:
+        scans = [s.select([c for c in columns if c in s.collect_schema()]) for s in scans]
+    if len(scans) == 1:
+        return scans[0]
+    schemas = [s.collect_schema() for s in scans]
+    if all(s == schemas[0] for s in schemas):
+        return pl.concat(scans, how="vertical")
+    return pl.concat(scans, how="diagonal_relaxed")
+
+
+def frame_schema(parts: list[Part]) -> pl.Schema:
+    return scan_parts(parts).collect_schema() if parts else pl.Schema()

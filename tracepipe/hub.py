@@ -111,12 +111,16 @@ def push_to_hub(out: Path, repo_id: str, push: Any, recipe_name: str, secret_nam
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
         remote = _remote_tree(api, repo_id, revision)
-        adds, same = [], 0
+        remote_contents = {f.lfs.sha256 for f in remote.values() if f.lfs is not None}
+        adds, same, moved = [], 0, 0
         for path, local in files.items():
             if _unchanged(remote.get(path), local):
                 same += 1
-            else:
-                adds.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)))
+                continue
+            op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
+            if op.upload_info.sha256.hex() in remote_contents:
+                moved += 1  # same bytes under a new name (shard count changed): no upload, just a ref
+            adds.append(op)
         deletes = [CommitOperationDelete(path_in_repo=p) for p in _stale(set(remote), set(files))]
         where = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         if not adds and not deletes:
@@ -126,9 +130,8 @@ def push_to_hub(out: Path, repo_id: str, push: Any, recipe_name: str, secret_nam
             repo_id, adds + deletes, repo_type="dataset", revision=revision,
             commit_message=f"tracepipe: {recipe_name} ({len(adds)} added or changed, {len(deletes)} deleted)",
         )
-        shards = sum(1 for a in adds if a.path_in_repo.startswith("data/"))
-        yield (f"hub {where}: {len(adds)} file(s) uploaded ({shards} shard(s)), {len(deletes)} deleted, "
-               f"{same} unchanged; commit {info.oid[:12]}")
+        yield (f"hub {where}: {len(adds)} file(s) added or changed ({len(adds) - moved} with new content, "
+               f"{moved} renamed with known content), {len(deletes)} deleted, {same} unchanged; commit {info.oid[:12]}")
     except PushError as e:
         raise PushError(scrub(str(e), secret_names or (), values=hide + _env_secrets(secret_names))) from None
     except Exception as e:

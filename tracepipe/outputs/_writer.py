@@ -82,7 +82,10 @@ def _small_types(t: pa.DataType) -> pa.DataType:
 
 
 def _parquet_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
-    kw: dict[str, Any] = {"compression": "zstd", "write_page_index": True}
+    # min/max statistics only for flat columns (ids, labels, numbers): on long texts and nested
+    # messages they bloat the footer and page index without helping any filter
+    flat = [f.name for f in schema if not pa.types.is_nested(f.type)]
+    kw: dict[str, Any] = {"compression": "zstd", "write_page_index": True, "write_statistics": flat or False}
     try:
         return pq.ParquetWriter(sink, schema, use_content_defined_chunking=True, **kw)
     except TypeError:  # pragma: no cover - pyarrow < 21
@@ -128,19 +131,30 @@ def write_shards(src: Path, out_dir: Path, split: str, shard_bytes: int, row_gro
     parts: list[Path] = []
     writer: pq.ParquetWriter | None = None
     sink: Any = None
+    groups = 0
+    footer_per_group = 0.0  # learnt from the shards closed so far (depends only on earlier rows)
+
+    def close() -> None:
+        nonlocal writer, footer_per_group
+        assert writer is not None
+        body = sink.tell()
+        writer.close()
+        sink.close()
+        footer_per_group = max(footer_per_group, (parts[-1].stat().st_size - body) / max(1, groups))
+        writer = None
+
     for group in row_groups(pf, schema, row_group_rows):
         if writer is None:
             parts.append(out_dir / f".{split}-{len(parts):05d}.part")
             sink = pa.OSFile(str(parts[-1]), "wb")
             writer = _parquet_writer(sink, schema)
+            groups = 0
         writer.write_table(group, row_group_size=group.num_rows)
-        if sink.tell() >= shard_bytes:
-            writer.close()
-            sink.close()
-            writer = None
+        groups += 1
+        if sink.tell() + footer_per_group * groups >= shard_bytes:
+            close()
     if writer is not None:
-        writer.close()
-        sink.close()
+        close()
     if not parts:  # no rows: one empty shard keeps the schema visible to loaders
         parts.append(out_dir / f".{split}-00000.part")
         with pa.OSFile(str(parts[0]), "wb") as empty:

@@ -179,7 +179,7 @@ _PROBE_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
-def isolation(python: str | None = None, mode: str = "auto") -> Isolation:
+def isolation(python: str | None = None, mode: str = "auto", bwrap: str = "bwrap") -> Isolation:
     """Find out once per process whether bubblewrap works here, and with which interpreter.
 
     ``mode``: ``auto`` (bubblewrap when it works, else rlimits only with a warning),
@@ -189,12 +189,12 @@ def isolation(python: str | None = None, mode: str = "auto") -> Isolation:
     cands = _python_candidates(python)
     if not cands:
         raise RuntimeError("no Python interpreter found for the code sandbox")
-    bw = shutil.which("bwrap")
+    bw = shutil.which(bwrap)
     reason = ""
     if mode == "none":
         reason = "isolation disabled (isolation: none)"
     elif not bw:
-        reason = "bubblewrap (bwrap) is not installed; install it: apt-get install -y bubblewrap"
+        reason = f"bubblewrap ({bwrap}) is not installed; install it: apt-get install -y bubblewrap"
     else:
         errors = []
         for py, userns in [(c, u) for c in cands for u in (True, False)]:
@@ -458,8 +458,10 @@ class CodeVerifier:
         python: str | None = None,
         preamble: str = "from typing import *\n",
         allow_unfenced: bool = True,
+        bwrap: str = "bwrap",
     ) -> None:
         self.limits = limits or SandboxLimits()
+        self.bwrap = bwrap
         self.isolation_mode = isolation_mode
         self.require_isolation = require_isolation
         self.python = python
@@ -471,7 +473,7 @@ class CodeVerifier:
     def iso(self) -> Isolation:
         if self._iso is None:
             with _PROBE_LOCK:
-                self._iso = isolation(self.python, "none" if self.isolation_mode == "none" else "auto")
+                self._iso = isolation(self.python, "none" if self.isolation_mode == "none" else "auto", self.bwrap)
             if not self._iso.bwrap:
                 if self.require_isolation:
                     raise IsolationUnavailable(f"require_isolation is set but {self._iso.reason}")

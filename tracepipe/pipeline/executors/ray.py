@@ -180,6 +180,14 @@ def stage_engine(stage: RowStage) -> str | None:
     return "?" if getattr(stage, "uses_engine", False) else None
 
 
+def engine_gpus(cfg: Any) -> int:
+    """GPUs one engine instance spans: tensor x pipeline parallel size (vLLM-style config)."""
+    extra = getattr(cfg, "engine_args", None) or {}
+    tp = getattr(cfg, "tensor_parallel_size", None) or extra.get("tensor_parallel_size") or 1
+    pp = getattr(cfg, "pipeline_parallel_size", None) or extra.get("pipeline_parallel_size") or 1
+    return max(1, int(tp) * int(pp))
+
+
 class RayExecutor(Executor):
     """Runs row stages on Ray Data; see the module docstring for the design."""
 
@@ -242,7 +250,7 @@ class RayExecutor(Executor):
         if o.gpus_per_actor is not None:
             gpus = o.gpus_per_actor
         elif cluster_gpus and getattr(cfg, "kind", None) not in _CLIENT_ENGINES:
-            gpus = float(int(getattr(cfg, "tensor_parallel_size", 1) or 1) * int(getattr(cfg, "pipeline_parallel_size", 1) or 1))
+            gpus = float(engine_gpus(cfg))
         else:
             gpus = 0.0
         if o.actors is not None:

@@ -373,3 +373,49 @@ def test_recipe_cannot_hold_a_key() -> None:
     with pytest.raises(ValidationError) as ei:
         OpenAIConfig.model_validate({"kind": "openai", "base_url": f"https://user:{SECRET}@h/v1", "model": "m"})
     assert SECRET not in str(ei.value)
+
+
+# -- context window --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("detail", "max_tokens", "want"),
+    [
+        # vLLM 0.32 (recorded from the real server)
+        ("This model's maximum context length is 512 tokens. However, your prompt contains at least 513 input "
+         "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the input "
+         "prompt. (parameter=input_tokens, value=513)", 10, ("too_long", 513)),
+        ("max_tokens=1000 cannot be greater than max_model_len=512. Please request fewer output tokens. "
+         "(parameter=max_tokens, value=1000)", 1000, ("clamp", 512)),
+        # older vLLM / OpenAI: prompt + completion over the window
+        ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (1000 in the "
+         "messages, 4000 in the completion). Please reduce the length of the messages or completion.", 4000, ("clamp", 3096)),
+        ("This model's maximum context length is 4096 tokens. However, you requested 9000 tokens (5000 in the "
+         "messages, 4000 in the completion).", 4000, ("too_long", 5000)),
+        # SGLang
+        ("The input (9000 tokens) is longer than the model's context length (8192 tokens).", 100, ("too_long", 9000)),
+        ("prompt too short", 10, None),
+        ("Invalid value for temperature", 10, None),
+    ],
+)
+def test_classify_context_errors(detail: str, max_tokens: int, want: tuple[str, int] | None) -> None:
+    from tracepipe.engines.openai import classify_context_error
+
+    assert classify_context_error(detail, max_tokens) == want
+
+
+def test_context_errors_clamp_or_mark_prompt_too_long(counting_server: CountingServer) -> None:
+    srv = counting_server
+    too_long = ('{"error": {"message": "This model\'s maximum context length is 512 tokens. However, your prompt contains '
+                'at least 600 input tokens, which exceeds this limit even without any output tokens.", "code": 400}}')
+    srv.script = [Fault(status=400, body=too_long)]
+    eng = engine(srv, fingerprint="t")
+    try:
+        (comps,) = eng.generate([req(1, n=2)])
+        assert [(c.finish_reason, c.prompt_tokens, c.text) for c in comps] == [("prompt_too_long", 600, "")] * 2
+        assert len(srv.chat_requests()) == 1  # no n fallback, no retry for a prompt that cannot fit
+        srv.reset()
+        srv.script = [Fault(status=400, body='{"error": {"message": "max_tokens=1000 cannot be greater than max_model_len=512."}}')]
+        (comps,) = eng.generate([req(2, max_tokens=1000)])
+        assert comps[0].finish_reason in ("stop", "length")
+        assert [s.body["max_tokens"] for s in srv.chat_requests()] == [1000, 512]
+    finally:
+        eng.close()

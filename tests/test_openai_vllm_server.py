@@ -122,3 +122,20 @@ def test_real_server_bounded_concurrency(vllm_openai_server: VLLMServer) -> None
         assert sorted(got) == list(range(2 * len(PROBLEMS)))
         assert proxy.max_inflight == 2
         assert len(proxy.chat_requests()) == 2 * len(PROBLEMS)
+
+
+def test_real_server_context_window(vllm_openai_server: VLLMServer) -> None:
+    srv = vllm_openai_server
+    eng = make(srv.base_url, srv.model, fingerprint="tiny")  # pinned: max_model_len unknown to the engine
+    try:
+        rs = [
+            GenerationRequest(messages=[{"role": "user", "content": "word " * 600}], n=2, sampling=SamplingParams(max_tokens=10, seed=1)),
+            GenerationRequest(messages=[{"role": "user", "content": "hi"}], n=1, sampling=SamplingParams(max_tokens=1000, seed=1)),
+        ]
+        too_long, clamped = eng.generate(rs)
+    finally:
+        eng.close()
+    assert [c.finish_reason for c in too_long] == ["prompt_too_long"] * 2 and too_long[0].prompt_tokens > 512
+    (c,) = clamped
+    assert c.finish_reason in ("length", "stop") and c.prompt_tokens + c.completion_tokens <= 512
+    assert eng.http_requests == 3  # the too-long prompt once, the big max_tokens twice (400, then what fits)

@@ -40,6 +40,10 @@ How it works:
   per request). Separate requests use seeds ``seed, seed+1, ...``: what vLLM does for choice
   ``i`` of an ``n`` request, so both ways give the same samples on vLLM. A server that returns
   fewer choices than asked gets the rest as separate requests.
+- **Context window.** ``max_tokens`` is capped at the ``max_model_len`` that ``/v1/models``
+  reports; a 400 saying the completion does not fit is retried with what fits, and a prompt the
+  context cannot hold gives ``n`` empty completions with ``finish_reason = "prompt_too_long"``
+  (as the ``vllm`` engine does), not an error.
 - **Request journal.** Each finished request is appended (flushed) to
   ``<workdir>/engines/openai-<fp>/journal-*.jsonl`` the moment it completes, keyed by a hash of
   the teacher fingerprint, messages, n and sampling parameters (seed included). A request found
@@ -65,6 +69,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -143,9 +148,49 @@ class OpenAIConfig(EngineConfig):
 class OpenAIEngineError(RuntimeError):
     """A request failed for good; the message is scrubbed of the API key."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail  # the server's error message (scrubbed)
+
+
+PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of a prompt the server's context cannot hold
+_NUM = r"(\d[\d,]*)"
+_CTX_LEN = [
+    re.compile(rf"max_model_len\s*=\s*{_NUM}", re.I),
+    re.compile(rf"maximum context length is {_NUM}", re.I),
+    re.compile(rf"context length (?:is |of )?\(?{_NUM} tokens", re.I),
+]
+_REQUESTED = re.compile(rf"{_NUM} in the messages, {_NUM} in the completion", re.I)
+_PROMPT_LEN = [
+    re.compile(rf"prompt contains at least {_NUM}", re.I),
+    re.compile(rf"input \({_NUM} tokens\)", re.I),
+    re.compile(rf"prompt is too long: {_NUM}", re.I),
+]
+_TOO_LONG = re.compile(
+    r"reduce the length of the (?:input|prompt|messages)|prompt is too long|longer than the model'?s context length|"
+    r"exceeds this limit even without any output|context_length_exceeded|exceeds the (?:maximum )?context",
+    re.I,
+)
+
+
+def _int(m: re.Match[str] | None, group: int = 1) -> int | None:
+    return int(m.group(group).replace(",", "")) if m else None
+
+
+def classify_context_error(detail: str, max_tokens: int) -> tuple[str, int] | None:
+    """What a 4xx about the context window means: ``("clamp", max_tokens)`` to retry with fewer
+    output tokens, ``("too_long", prompt_tokens)`` for a prompt that cannot fit, else None."""
+    ctx = next((v for v in (_int(r.search(detail)) for r in _CTX_LEN) if v), None)
+    req = _REQUESTED.search(detail)
+    if req and ctx:
+        prompt = _int(req, 1) or 0
+        return ("clamp", ctx - prompt) if 0 < ctx - prompt < max_tokens else ("too_long", prompt)
+    if _TOO_LONG.search(detail):
+        return ("too_long", next((v for v in (_int(r.search(detail)) for r in _PROMPT_LEN) if v), 0))
+    if ctx and ctx < max_tokens and re.search(r"max_tokens|max_completion_tokens|output tokens", detail, re.I):
+        return ("clamp", ctx)
+    return None
 
 
 class _Secret:
@@ -525,7 +570,7 @@ class OpenAIEngine(Engine):
             "messages": req.messages,
             "temperature": s.temperature,
             "top_p": s.top_p,
-            self.config.max_tokens_param: s.max_tokens,
+            self.config.max_tokens_param: self._fit_max_tokens(s.max_tokens),
         }
         if n != 1:
             body["n"] = n
@@ -544,6 +589,12 @@ class OpenAIEngine(Engine):
             body["chat_template_kwargs"] = dict(self.config.chat_template_kwargs)
         body.update(self.config.extra_body)
         return body
+
+    def _fit_max_tokens(self, max_tokens: int) -> int:
+        """At most the server's ``max_model_len`` when ``/v1/models`` reported it (vLLM then
+        clamps to the room the prompt leaves)."""
+        limit = ((self._fp_info or {}).get("server") or {}).get("max_model_len")
+        return min(max_tokens, int(limit)) if isinstance(limit, int) and limit > 0 else max_tokens
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         b = self.config.backoff
@@ -586,8 +637,14 @@ class OpenAIEngine(Engine):
                         reason = f"HTTP {code}"
                         retry_after = _retry_after(resp.headers)
                     else:
+                        detail = self._scrub(resp.text[:2000])
+                        try:
+                            err = resp.json().get("error")
+                            detail = self._scrub(str(err.get("message") if isinstance(err, dict) else err or resp.text)[:2000])
+                        except (ValueError, AttributeError):
+                            pass
                         raise OpenAIEngineError(
-                            f"{self._display_url()}/chat/completions: HTTP {code}: {self._scrub(resp.text[:500])}", code
+                            f"{self._display_url()}/chat/completions: HTTP {code}: {detail[:500]}", code, detail
                         )
             if attempt >= self.config.max_retries:
                 raise OpenAIEngineError(
@@ -679,6 +736,28 @@ class OpenAIEngine(Engine):
         return comps
 
     async def _one(self, req: GenerationRequest) -> list[Completion]:
+        """Completions of one request; context-window errors become a clamp or ``prompt_too_long``."""
+        for _ in range(3):
+            try:
+                return await self._sample(req)
+            except OpenAIEngineError as e:
+                what = self._context_error(e, req)
+                if what is None:
+                    raise
+                kind, value = what
+                if kind == "too_long":
+                    return [Completion("", PROMPT_TOO_LONG, value, 0) for _ in range(req.n)]
+                log.info("openai engine: max_tokens %d does not fit the context; asking for %d", req.sampling.max_tokens, value)
+                req = dataclasses.replace(req, sampling=req.sampling.model_copy(update={"max_tokens": value}))
+        return await self._sample(req)
+
+    @staticmethod
+    def _context_error(e: OpenAIEngineError, req: GenerationRequest) -> tuple[str, int] | None:
+        if e.status not in (400, 413, 422) or not e.detail:
+            return None
+        return classify_context_error(e.detail, req.sampling.max_tokens)
+
+    async def _sample(self, req: GenerationRequest) -> list[Completion]:
         if req.n < 1:
             return []
         if req.n == 1:
@@ -696,7 +775,7 @@ class OpenAIEngine(Engine):
             try:
                 comps = await (self._separate(req, 0, req.n) if m == "separate" else self._native(req, m))
             except OpenAIEngineError as e:
-                if e.status not in FALLBACK_STATUS:
+                if e.status not in FALLBACK_STATUS or self._context_error(e, req) is not None:
                     raise
                 first_err = first_err or e
                 continue

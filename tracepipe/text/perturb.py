@@ -217,3 +217,30 @@ def plant_benchmark_items(
         for it in rng.sample(items, per_kind):
             rows.append((_changed_variant(it["text"], kind, rng), kind, it["benchmark"], it["id"]))
     return pl.DataFrame(rows, schema={"problem": pl.String, "kind": pl.String, "plant_benchmark": pl.String, "plant_id": pl.String}, orient="row")
+
+
+def replicate(
+    texts: Sequence[str], n_total: int, weights: dict[str, float] | None = None, seed: int = 0,
+) -> pl.DataFrame:
+    """``texts`` followed by perturbed replicas up to ``n_total`` rows (same columns as
+    :func:`plant_duplicates`): each replica copies a random text with a kind drawn by ``weights``
+    (default exact 0.2, format 0.3, reword 0.3, numbers 0.2)."""
+    w = weights or {"exact": 0.2, "format": 0.3, "reword": 0.3, "numbers": 0.2}
+    rng = random.Random(seed)
+    kinds, probs = list(w), list(w.values())
+    with_digits = [i for i, t in enumerate(texts) if _NUM.search(t)]
+    rows: list[tuple[str, int, str, int]] = [(t, i, "original", i) for i, t in enumerate(texts)]
+    next_group = len(texts)
+    new_groups: dict[str, int] = {}  # a numbers variant made twice is one new problem
+    while len(rows) < n_total:
+        kind = rng.choices(kinds, probs)[0]
+        i = rng.choice(with_digits) if kind == "numbers" else rng.randrange(len(texts))
+        v = _changed_variant(texts[i], kind, rng)
+        if kind == "numbers":
+            if v not in new_groups:
+                new_groups[v] = next_group
+                next_group += 1
+            rows.append((v, new_groups[v], kind, i))
+        else:
+            rows.append((v, i, kind, i))
+    return pl.DataFrame(rows, schema={"problem": pl.String, "group": pl.Int64, "kind": pl.String, "orig": pl.Int64}, orient="row")

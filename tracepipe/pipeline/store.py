@@ -92,8 +92,15 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bo
         return
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm_file(tmp)
+        except Exception:  # pragma: no cover - best effort; readers ignore .tmp- names anyway
+            pass
+        raise
 
 
 def write_parquet_atomic(df: pl.DataFrame | pa.Table, url: str, compression: str = "zstd", **kw: Any) -> None:

@@ -2,7 +2,7 @@
 
 Input columns: ``id`` (``group_by``) and ``verdict``; with ``method: judge`` also
 ``difficulty_judged`` (from a ``judge_difficulty`` stage); with ``method: student`` also
-``student_correct`` / ``student_samples`` (from a ``student_rollouts`` stage).
+``student_correct`` / ``student_judged`` (from a ``student_rollouts`` stage).
 Output columns (every row of a problem gets its problem's values): ``pass_rate``,
 ``n_correct``, ``n_judged``, ``difficulty``; with ``method: student`` also ``student_pass_rate``.
 
@@ -23,7 +23,7 @@ curriculum. Three sources, chosen with ``method``:
   samples per problem, verified): difficulty *relative to the student*, as in Light-R1 and
   Phi-4-reasoning's "teachable" problems (keep ``medium`` / ``hard``: problems the student
   sometimes, but not reliably, solves). ``student_pass_rate = student_correct /
-  student_samples``; ``pass_rate`` stays the teacher's.
+  student_judged``; ``pass_rate`` stays the teacher's (null without a verify stage).
 
 Bands (``bands: {easy: 0.75, hard: 0.25}``): rate >= easy is ``easy``, <= hard is ``hard``, else
 ``medium``; no correct sample at all is ``unsolved`` (``unsolved: false`` folds it into ``hard``);
@@ -63,7 +63,7 @@ class DifficultyParams(StageParams):
     )
     judge_column: str = Field("difficulty_judged", description="method judge: column with the parsed label")
     student_correct_column: str = Field("student_correct", description="method student: correct student samples")
-    student_samples_column: str = Field("student_samples", description="method student: judged student samples")
+    student_judged_column: str = Field("student_judged", description="method student: judged student samples")
 
 
 @register("difficulty")
@@ -81,7 +81,7 @@ class Difficulty(SetStage):
         if p.method == "judge":
             cols.append(p.judge_column)
         if p.method == "student":
-            cols += [p.student_correct_column, p.student_samples_column]
+            cols += [p.student_correct_column, p.student_judged_column]
         return cols
 
     def output_columns(self) -> list[str]:
@@ -124,10 +124,10 @@ class Difficulty(SetStage):
             ).drop("_lab")
         else:  # student
             self._need(df, p.student_correct_column, "method student reads a student_rollouts stage's counts")
-            self._need(df, p.student_samples_column, "method student reads a student_rollouts stage's counts")
+            self._need(df, p.student_judged_column, "method student reads a student_rollouts stage's counts")
             st = df.group_by("_group").agg(
                 pl.col(p.student_correct_column).cast(pl.Int64).drop_nulls().first().alias("_sc"),
-                pl.col(p.student_samples_column).cast(pl.Int64).drop_nulls().first().alias("_sn"),
+                pl.col(p.student_judged_column).cast(pl.Int64).drop_nulls().first().alias("_sn"),
             ).with_columns(
                 pl.when(pl.col("_sn") > 0).then(pl.col("_sc") / pl.col("_sn")).otherwise(None).cast(pl.Float64).alias("student_pass_rate")
             )

@@ -162,10 +162,12 @@ def test_prompt_completion_plain_strings() -> None:
     assert r["prompt"] == "Q: Question p1?\nA:" and r["completion"].endswith("answer 1")
 
 
-def test_sharegpt_system_column() -> None:
+def test_sharegpt_system_column_and_roles() -> None:
     df = get_format("sharegpt")(_rows(), {}).collect()
     r = df.row(0, named=True)
     assert r["system"] == "Be brief." and [t["from"] for t in r["conversations"]] == ["human", "gpt"]
+    openai = get_format("sharegpt")(_rows(), {"roles": "openai"}).collect().row(0, named=True)
+    assert [t["from"] for t in openai["conversations"]] == ["user", "assistant"]
 
 
 @pytest.mark.parametrize(

@@ -289,7 +289,7 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
         if spec.format == "sharegpt":
             from tracepipe.outputs.sharegpt import llamafactory_info
 
-            info_entry = llamafactory_info(recipe.name, [f["file"] for f in files if f["split"] == "train"])
+            info_entry = llamafactory_info(recipe.name, [f["file"] for f in files if f["split"] == "train"], options)
             (tmp / "dataset_info.json").write_text(json.dumps(info_entry, indent=2))
         info = {
             "format": spec.format,

@@ -1,6 +1,7 @@
 """``sharegpt``: LLaMA-Factory's ShareGPT format.
 
-``conversations`` = ``[{from: human, value: ...}, ..., {from: gpt, value: ...}]`` (the prompt turns
+``conversations`` = ``[{from: human, value: ...}, ..., {from: gpt, value: ...}]`` (``roles: openai``
+gives ``user`` / ``assistant`` instead; the prompt turns
 of the chat sent to the teacher, else the problem, then the assistant turn with the reasoning in
 ``<think>`` tags by default) and ``system`` = the system prompt (null when there was none).
 Metadata columns follow. The writer also drops a ``dataset_info.json`` next to the shards with the
@@ -23,18 +24,30 @@ from tracepipe.outputs._common import (
     system_expr,
 )
 
-ROLE_TAGS = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
-TURN = pl.Struct({"from": pl.String, "value": pl.String})
+ROLE_TAGS = {
+    "sharegpt": {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"},
+    "openai": {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool"},
+}
 
 
-def llamafactory_info(name: str, files: list[str]) -> dict[str, Any]:
+def role_tags(options: dict[str, Any]) -> dict[str, str]:
+    """``roles: sharegpt`` (default: human / gpt) or ``roles: openai`` (user / assistant)."""
+    roles = str(options.get("roles", "sharegpt"))
+    if roles not in ROLE_TAGS:
+        raise ValueError(f"outputs[].options.roles must be one of {', '.join(ROLE_TAGS)} (got {roles!r})")
+    return ROLE_TAGS[roles]
+
+
+def llamafactory_info(name: str, files: list[str], options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``dataset_info.json`` entry LLaMA-Factory needs for these shards."""
+    tags = role_tags(options or {})
     return {
         name: {
             "file_name": files[0] if len(files) == 1 else "data",
             "formatting": "sharegpt",
             "columns": {"messages": "conversations", "system": "system"},
-            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"},
+            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": tags["user"],
+                     "assistant_tag": tags["assistant"], "observation_tag": tags["tool"], "system_tag": tags["system"]},
         }
     }
 
@@ -46,12 +59,13 @@ def sharegpt(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
     meta = meta_columns(schema, opts, exclude=("conversations", "system"))
     el = pl.element()
     role = el.struct.field("role")
-    tag = role.replace_strict(ROLE_TAGS, default=role, return_dtype=pl.String)
+    tags = role_tags(options)
+    tag = role.replace_strict(tags, default=role, return_dtype=pl.String)
     # system turns go to the `system` column (LLaMA-Factory's convention), the rest are renamed
     prompt_turns = prompt_messages_expr(schema, {**opts, "reasoning": "think"}).list.eval(
         pl.struct(tag.alias("from"), el.struct.field("content").alias("value")).filter(role != "system")
     )
-    gpt = pl.concat_list(pl.struct(pl.lit("gpt").alias("from"), assistant_expr(schema, opts).alias("value")))
+    gpt = pl.concat_list(pl.struct(pl.lit(tags["assistant"]).alias("from"), assistant_expr(schema, opts).alias("value")))
     return lf.filter(has_response(schema)).select(
         pl.concat_list(prompt_turns, gpt).alias("conversations"),
         system_expr(schema, opts).alias("system"),

@@ -287,3 +287,18 @@ def test_kill_driver_mid_run_then_resume(tmp_path: Path, ray_local: Any, capture
     # and the result is the same as an uninterrupted run
     _, clean = run(write_recipe(tmp_path, tmp_path / "wd-clean", map_batch=500, max_len=200), capture, executor="local")
     assert_frame_equal(rows, clean)
+
+
+def test_model_stage_resources(ray_local: Any) -> None:
+    from tracepipe.engines import engine_config_model
+    from tracepipe.pipeline.executors.ray import engine_gpus
+    from tracepipe.stages.base import StageContext
+
+    vllm_cfg = engine_config_model("vllm").model_validate(
+        {"kind": "vllm", "model": "some/model", "tensor_parallel_size": 2, "engine_args": {"pipeline_parallel_size": 2}}
+    )
+    assert engine_gpus(vllm_cfg) == 4
+    stage = Probe(ProbeParams(engine="teacher"), StageContext(engines={"teacher": vllm_cfg}))
+    # this cluster has no GPU: model actors get none, one actor by default
+    assert RayExecutor()._actor_plan(stage, "teacher") == (0.0, 1)
+    assert RayExecutor(gpus_per_actor=1, actors=[1, 3])._actor_plan(stage, "teacher") == (1, (1, 3))

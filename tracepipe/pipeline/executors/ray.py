@@ -53,6 +53,13 @@ from tracepipe.stages.base import ERROR_COL, RowStage
 
 log = logging.getLogger(__name__)
 
+
+class _QuietRayData(logging.Filter):
+    """Drop Ray Data's notice that its progress bars are off (the runner draws its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
 _IPC = "ipc"
 _OK, _ERRORS, _N_IN = "ok", "errors", "n_in"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -272,7 +279,11 @@ class RayExecutor(Executor):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the runner draws its own progress
         ctx.execution_options.preserve_order = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ray_data_log = logging.getLogger("ray.data")
+        ray_data_log.setLevel(logging.WARNING)
+        for h in [*ray_data_log.handlers, *logging.getLogger("ray").handlers]:
+            if not any(isinstance(f, _QuietRayData) for f in h.filters):
+                h.addFilter(_QuietRayData())
 
         refs = [ray.put(_encode_input(b)) for b in batches if b.height]
         errors: list[pl.DataFrame] = []

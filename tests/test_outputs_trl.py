@@ -90,10 +90,9 @@ def test_dpo_pairs_feed_dpo_trainer(traces_outputs: dict[str, Any], tiny_model_d
     trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=ds,
                          args=_small_config(DPOConfig, tmp_path / "dpo", max_length=256))
     row = trainer.train_dataset[0]
-    ids = {k: v for k, v in row.items() if k.endswith("input_ids")}
-    assert ids, f"DPOTrainer did not tokenize the pairs: {list(row)}"
-    if "chosen_input_ids" in ids and "rejected_input_ids" in ids:
-        assert ids["chosen_input_ids"] != ids["rejected_input_ids"]
+    ids = {k.removesuffix("_input_ids").removesuffix("_ids"): v for k, v in row.items() if k.endswith("_ids")}
+    assert {"prompt", "chosen", "rejected"} <= set(ids), f"DPOTrainer did not tokenize the pairs: {list(row)}"
+    assert ids["chosen"] != ids["rejected"] and len(ids["prompt"]) > 0
     result = trainer.train()
     assert result.global_step == 2
     assert _params_changed(before, trainer.model)

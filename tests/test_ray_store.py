@@ -28,6 +28,8 @@ from tracepipe.pipeline.store import (
 )
 from tracepipe.recipe import load_recipe
 
+# Ray Data warns about its own deprecated settings when it reads its context; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 GSM8K = Path(tracepipe.__file__).parent / "data" / "sources" / "gsm8k_train.jsonl"
 
 

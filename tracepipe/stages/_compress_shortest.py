@@ -62,12 +62,12 @@ def compression_stats(out: pl.LazyFrame, before_col: str) -> dict[str, Any]:
             res["rejected"] = rej
         return res
 
-    stats: dict[str, Any] = {"rows": total}
-    stats.update(block(tried) if tried.height else {"accepted": 0, "acceptance_rate": None})
-    stats["rows"] = total
-    stats["attempted"] = tried.height
+    stats: dict[str, Any] = {"rows": total, "attempted": tried.height}
     if skipped:
         stats["skipped"] = skipped
+    overall = block(tried) if tried.height else {"accepted": 0, "acceptance_rate": None}
+    overall.pop("rows", None)
+    stats.update(overall)
     stats["by_band"] = {str(b): block(tried.filter(pl.col("band") == b)) for b in sorted(tried["band"].unique().to_list())}
     return stats
 

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 Outcome = tuple[str, Any]  # ("ok", value) | ("error", message)
+_READY = ("__ready__", None)
 
 
 def _resolve(target: str) -> Any:
@@ -38,6 +39,10 @@ def _child_main(conn: Connection, target: str, memory_mb: int | None) -> None:
         except (ValueError, OSError):
             pass
     fn = _resolve(target)
+    try:
+        conn.send(_READY)  # the parent starts an item's clock only once the worker can work
+    except (EOFError, OSError, BrokenPipeError):
+        return
     while True:
         try:
             msg = conn.recv()
@@ -64,7 +69,8 @@ class _Child:
         child.close()
         self.conn: Connection = parent
         self.queue: deque[int] = deque()
-        self.started = 0.0
+        self.started = time.monotonic()
+        self.ready = False
 
     def kill(self) -> None:
         try:
@@ -94,11 +100,12 @@ class Supervisor:
 
     def __init__(
         self, target: str, *, workers: int = 1, item_timeout_s: float = 30.0, memory_mb: int | None = None,
-        preload: list[str] | None = None, start_method: str | None = None,
+        preload: list[str] | None = None, start_method: str | None = None, startup_timeout_s: float = 120.0,
     ) -> None:
         self.target = target
         self.workers = max(1, int(workers))
         self.item_timeout_s = float(item_timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
         self.memory_mb = memory_mb
         method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         self.ctx = mp.get_context(method)
@@ -133,14 +140,17 @@ class Supervisor:
                 active[w] = self._send(w, share, items)
         while active:
             now = time.monotonic()
-            ready = wait([c.conn for c in active.values()], timeout=max(0.0, min(c.started + self.item_timeout_s for c in active.values()) - now))
+            ready = wait([c.conn for c in active.values()], timeout=max(0.0, min(self._deadline(c) for c in active.values()) - now))
             now = time.monotonic()
             for w, c in list(active.items()):
                 if c.conn in ready:
                     try:
                         while c.conn.poll():
                             idx, out = c.conn.recv()
-                            if c.queue and c.queue[0] == idx:
+                            if idx == _READY[0]:
+                                c.ready = True
+                                c.started = time.monotonic()
+                            elif c.queue and c.queue[0] == idx:
                                 c.queue.popleft()
                                 results[idx] = out
                                 c.started = time.monotonic()
@@ -153,16 +163,24 @@ class Supervisor:
                     if not c.queue:
                         del active[w]
                         continue
-                if c.queue and now - c.started > self.item_timeout_s:
-                    self.timeouts += 1
-                    self._fail_head(w, c, results, items, active, f"timeout (hard limit {self.item_timeout_s:g}s)")
+                if c.queue and now > self._deadline(c):
+                    if c.ready:
+                        self.timeouts += 1
+                        why = f"timeout (hard limit {self.item_timeout_s:g}s)"
+                    else:
+                        why = f"worker did not start within {self.startup_timeout_s:g}s"
+                    self._fail_head(w, c, results, items, active, why)
         return [r if r is not None else ("error", "lost") for r in results]
+
+    def _deadline(self, c: _Child) -> float:
+        return c.started + (self.item_timeout_s if c.ready else self.startup_timeout_s)
 
     def _send(self, w: int, share: list[int], items: list[tuple[Any, ...]]) -> _Child:
         c = self._child(w)
         c.queue = deque(share)
         c.conn.send([(i, items[i]) for i in share])
-        c.started = time.monotonic()
+        if c.ready:
+            c.started = time.monotonic()
         return c
 
     def _fail_head(

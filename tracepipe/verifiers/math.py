@@ -8,7 +8,8 @@ Extraction (:func:`extract_answer`), first hit wins:
 4. the last "the answer is X" / "Answer: X" phrase;
 5. (only with ``last_number=True``) the last number in the text.
 
-Comparison uses math-verify (``parse`` + ``verify``) on both sides wrapped in ``\\boxed{}``.
+Comparison uses math-verify (``parse`` + ``verify``) on both sides wrapped in ``\\boxed{}``; an
+answer counts as parsed only when math-verify turns it into a SymPy object (no string fallback).
 Verdicts: ``correct``, ``incorrect`` (wrong, no answer, or an answer that does not parse),
 ``unverifiable`` (no gold answer, or the gold answer does not parse) and ``error`` (math-verify
 timed out or failed).
@@ -51,7 +52,7 @@ def last_boxed(text: str | None) -> str | None:
         j += 1
     if j < len(text) and text[j] != "{":  # \boxed 5
         m = re.match(r"[^\s$]+", text[j:])
-        return m.group(0) if m else None
+        return (m.group(0).rstrip(".,;") or None) if m else None
     depth = 0
     for k in range(j, len(text)):
         ch = text[k]
@@ -150,7 +151,7 @@ def _parse_strict(ans: str, timeout_s: int) -> list[Any]:
     from math_verify.errors import TimeoutException
 
     try:
-        return parse(_wrap(ans), extraction_config=_configs(), parsing_timeout=timeout_s, raise_on_error=True)
+        return parse(_wrap(ans), extraction_config=_configs(), fallback_mode="no_fallback", parsing_timeout=timeout_s, raise_on_error=True)
     except TimeoutException:
         raise
     except Exception:  # noqa: BLE001 - an answer that does not parse

@@ -48,7 +48,7 @@ from tracepipe.pipeline.keys import (
     row_keys,
 )
 from tracepipe.pipeline.stats import RunStats, StageStats
-from tracepipe.pipeline.store import IDX_COL, StageStore, is_local
+from tracepipe.pipeline.store import IDX_COL, StageStore, is_local, local_path
 from tracepipe.recipe import Recipe
 from tracepipe.sources import source_parts
 from tracepipe.stages import get_stage
@@ -153,7 +153,7 @@ class Runner:
     ) -> None:
         self.recipe = recipe
         self.workdir = recipe.workdir_path()
-        self.local_workdir = Path(self.workdir) if is_local(self.workdir) else None
+        self.local_workdir = local_path(self.workdir) if is_local(self.workdir) else None
         spec = recipe.executor
         self.executor = executor or get_executor(
             spec.kind, **({"workers": spec.workers} if spec.kind == "local" else {"address": spec.address, **spec.options})
@@ -254,6 +254,7 @@ class Runner:
                 if not plan:
                     self._save_stats(stats)
                 self.ctx.close()
+                self.executor.close()
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
 

@@ -102,7 +102,7 @@ def _output_section(recipe: Any, spec: Any, out_dir: Path, index: int) -> dict[s
     diff = summary.get("difficulty") or {}
     pass_hist = diff.get("pass_rate") or shards.get("pass_rate")
     bands = diff.get("bands") or shards.get("bands") or {}
-    if pass_hist and _plots.histograms(out_dir / f"{tag}_pass_rate.png", {"problems": pass_hist}, "per-problem pass rate", "correct / samples"):
+    if pass_hist and _plots.histograms(out_dir / f"{tag}_pass_rate.png", {"problems": pass_hist}, "per-problem pass rate", "correct / samples", "problems"):
         sec["plots"]["pass_rate"] = f"{tag}_pass_rate.png"
     if _plots.bars(out_dir / f"{tag}_difficulty.png", bands, "problems per difficulty band", "problems"):
         sec["plots"]["difficulty"] = f"{tag}_difficulty.png"

@@ -31,7 +31,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def histograms(path: Path, hists: dict[str, dict[str, Any]], title: str, xlabel: str) -> Path | None:
+def histograms(path: Path, hists: dict[str, dict[str, Any]], title: str, xlabel: str, ylabel: str = "rows") -> Path | None:
     """Overlaid histograms; each value is ``{"edges": [...], "counts": [...]}`` (shared edges)."""
     hists = {k: h for k, h in hists.items() if h and sum(h.get("counts") or []) > 0}
     if not hists:
@@ -46,7 +46,7 @@ def histograms(path: Path, hists: dict[str, dict[str, Any]], title: str, xlabel:
                color=COLORS[i % len(COLORS)], label=label + extra, edgecolor="white", linewidth=0.3)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("rows")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

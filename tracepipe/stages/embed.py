@@ -30,7 +30,7 @@ class EmbedParams(StageParams):
     model: str = Field("default", description="`default` (all-MiniLM-L6-v2, shipped) or a local sentence-transformers directory")
     field: str = Field("problem", description="text column embedded")
     column: str = Field("embedding", description="output column")
-    normalize: bool = Field(True, description="L2-normalize vectors (cosine = inner product)")
+    normalize: bool = Field(True, description="L2-normalize vectors (cosine = inner product); models ending in a Normalize module always are")
     dtype: Literal["float32", "float16"] = Field("float32", description="stored element type")
     max_seq_length: int | None = Field(None, ge=8, description="truncate inputs to this many tokens (default: the model's)")
     prompt: str | None = Field(None, description="text prepended to every input (e.g. `query: ` for E5 models)")

@@ -38,7 +38,11 @@ def resolve_model(name: str, base_dir: Path | None = None) -> str:
     p = Path(name).expanduser()
     if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
         p = base_dir / p
-    return str(p.resolve()) if p.exists() else name
+    if p.exists():
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"embedding model directory not found: {name} (looked in {base_dir or Path.cwd()})")
+    return name  # a model id: loads only if it is in the local Hugging Face cache (offline)
 
 
 def model_fingerprint(path: str) -> str:

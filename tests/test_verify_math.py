@@ -11,7 +11,13 @@ from collections import Counter
 
 import pytest
 
-from tests.fixtures.verify_data import gsm8k_items, math500_items, with_wrong_boxed, with_wrong_gsm8k, wrong_answer
+from tests.fixtures.verify_data import (
+    gsm8k_items,
+    math500_items,
+    with_wrong_boxed,
+    with_wrong_gsm8k,
+    wrong_answer,
+)
 from tracepipe.verifiers.math import MathChecker, check_math, extract_answer, last_boxed
 
 
@@ -56,7 +62,7 @@ def test_wrong_answers_are_incorrect(checker):
             w, kind = wrong_answer(it["answer"], k)
             items.append((with_wrong_boxed(it["response"], w), it["answer"]))
             variants.append((it["id"], it["answer"], w, kind))
-    for i, it in enumerate(gsm8k_items()):
+    for it in gsm8k_items():
         for k in range(3):
             w, kind = wrong_answer(it["answer"], k)
             items.append((with_wrong_gsm8k(it["response"], w), it["answer"]))

@@ -49,8 +49,9 @@ How it works:
   the teacher fingerprint, messages, n and sampling parameters (seed included). A request found
   there is answered from it, never sent again: a run killed mid-batch (even ``kill -9``) pays for
   no finished request twice, and a batch the executor bisects after an error re-sends only the
-  failed requests. On :meth:`close` the journal is compacted to the entries never handed to the
-  caller (handed-back results are committed by the runner right after).
+  failed requests. Results a ``generate`` call returned are settled (dropped from the journal)
+  when the next call starts, since the runner commits a batch before it asks for the next one;
+  :meth:`close` settles the rest, so the journal holds only work in flight.
 - **Fingerprint.** ``fingerprint`` (pinned in the recipe) is used verbatim and needs no network;
   else ``model`` + ``revision`` + the ``tokenizer`` files' hash when ``revision`` is set (no
   network); else ``/v1/models`` is queried once for the model's ``root`` and ``max_model_len``.
@@ -72,6 +73,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +92,10 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
 )
+
+
+_MODELS_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
+_MODELS_LOCK = threading.Lock()
 
 
 class BackoffConfig(BaseModel):
@@ -266,16 +272,26 @@ def _completion_to_dict(c: Completion) -> dict[str, Any]:
 class _Journal:
     """Append-only record of finished requests (one JSON line each, flushed as they finish).
 
+    Lines are ``{"k": key, "c": [completions]}`` when a request finishes and ``{"d": key}`` once
+    its result is known to be committed: results handed back by one ``generate`` call are
+    settled at the start of the next call (the runner commits a batch before it asks for the
+    next one) and at :meth:`close`. Reading skips settled entries, so memory holds only the
+    unsettled ones (plus a bounded cache of recent ones, for a batch the executor bisects).
     Each process writes its own ``journal-<ns>-<pid>.jsonl`` under an exclusive ``flock``; a new
-    engine reads (and later compacts) only files no live process holds.
+    engine reads (and finally deletes) only files no live process holds. A file past
+    ``max_bytes`` is rewritten with the unsettled entries only.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, recent: int = 8192, max_bytes: int = 256 << 20) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.entries: dict[str, list[dict[str, Any]]] = {}
-        self.delivered: set[str] = set()
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.recent_max = recent
+        self.max_bytes = max_bytes
+        self._handed: list[str] = []
         self._old: list[tuple[Path, Any]] = []
+        self._lock = threading.Lock()
         for p in sorted(self.dir.glob("journal-*.jsonl")):
             fh = open(p, "r+", encoding="utf-8")
             try:
@@ -286,42 +302,81 @@ class _Journal:
             for line in fh:
                 try:
                     rec = json.loads(line)
-                    self.entries[rec["k"]] = rec["c"]
+                    if "d" in rec:
+                        self.pending.pop(rec["d"], None)
+                    else:
+                        self.pending[rec["k"]] = rec["c"]
                 except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
                     break
             self._old.append((p, fh))
-        self.loaded = len(self.entries)
-        self.path = self.dir / f"journal-{time.time_ns():020d}-{os.getpid()}.jsonl"
-        self._fh = open(self.path, "a", encoding="utf-8")
-        fcntl.flock(self._fh, fcntl.LOCK_EX)
-        self._lock = threading.Lock()
+        self.loaded = len(self.pending)
+        self.path, self._fh = self._new_file()
+
+    def _new_file(self) -> tuple[Path, Any]:
+        path = self.dir / f"journal-{time.time_ns():020d}-{os.getpid()}.jsonl"
+        fh = open(path, "a", encoding="utf-8")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return path, fh
 
     def get(self, key: str) -> list[Completion] | None:
-        rec = self.entries.get(key)
-        if rec is None:
-            return None
-        return [Completion(**c) for c in rec]
+        with self._lock:
+            rec = self.pending.get(key)
+            if rec is None:
+                rec = self.recent.get(key)
+        return None if rec is None else [Completion(**c) for c in rec]
 
     def put(self, key: str, comps: list[Completion]) -> None:
         rec = [_completion_to_dict(c) for c in comps]
         line = json.dumps({"k": key, "c": rec}, ensure_ascii=False) + "\n"
         with self._lock:
-            self.entries[key] = rec
+            self.pending[key] = rec
             self._fh.write(line)
             self._fh.flush()  # in the OS page cache: survives kill -9 of this process
 
-    def mark_delivered(self, key: str) -> None:
-        self.delivered.add(key)
+    def handed(self, key: str) -> None:
+        """``key``'s result went to the caller (settled by the next :meth:`settle`)."""
+        with self._lock:
+            self._handed.append(key)
+
+    def settle(self) -> None:
+        """Mark everything handed back so far as committed; rotate a big file."""
+        with self._lock:
+            if not self._handed:
+                return
+            for key in self._handed:
+                self._fh.write(json.dumps({"d": key}) + "\n")
+                rec = self.pending.pop(key, None)
+                if rec is not None:
+                    self.recent[key] = rec
+                    self.recent.move_to_end(key)
+            self._handed.clear()
+            while len(self.recent) > self.recent_max:
+                self.recent.popitem(last=False)
+            self._fh.flush()
+            if self._fh.tell() > self.max_bytes:
+                old_path, old_fh = self.path, self._fh
+                self.path, self._fh = self._new_file()
+                self._write_pending(self._fh)
+                old_fh.close()
+                old_path.unlink(missing_ok=True)
+                for p, fh in self._old:
+                    p.unlink(missing_ok=True)
+                    fh.close()
+                self._old = []
+
+    def _write_pending(self, fh: Any) -> None:
+        for k, v in self.pending.items():
+            fh.write(json.dumps({"k": k, "c": v}, ensure_ascii=False) + "\n")
+        fh.flush()
 
     def close(self) -> None:
-        """Keep only entries never handed back (in one new file); drop the rest."""
+        """Settle what was handed back; keep only unsettled entries (one new file), if any."""
+        self.settle()
         with self._lock:
-            keep = {k: v for k, v in self.entries.items() if k not in self.delivered}
-            if keep:
+            if self.pending:
                 tmp = self.dir / f".tmp-{os.getpid()}-{time.time_ns()}.jsonl"
                 with open(tmp, "w", encoding="utf-8") as fh:
-                    for k, v in keep.items():
-                        fh.write(json.dumps({"k": k, "c": v}, ensure_ascii=False) + "\n")
+                    self._write_pending(fh)
                 os.replace(tmp, self.dir / f"journal-{time.time_ns():020d}-{os.getpid()}.jsonl")
             self._fh.close()
             self.path.unlink(missing_ok=True)
@@ -329,6 +384,7 @@ class _Journal:
                 p.unlink(missing_ok=True)
                 fh.close()
             self._old = []
+            self.recent.clear()
 
 
 class _LoopThread:
@@ -461,7 +517,14 @@ class OpenAIEngine(Engine):
         return self._fp
 
     def server_model_info(self) -> dict[str, Any]:
-        """What ``GET /models`` reports for our model (id, root, max_model_len), once."""
+        """What ``GET /models`` reports for our model (id, root, max_model_len), once per process."""
+        ck = (self.config.base_url, self.config.model)
+        with _MODELS_LOCK:
+            if ck not in _MODELS_CACHE:
+                _MODELS_CACHE[ck] = self._query_models()
+            return dict(_MODELS_CACHE[ck])
+
+    def _query_models(self) -> dict[str, Any]:
         import httpx
 
         key = self._key or self._read_key()
@@ -800,10 +863,22 @@ class OpenAIEngine(Engine):
 
         With ``return_exceptions`` a failed request yields ``(index, exception)`` and the others
         go on; without it the first failure cancels the rest and raises. Closing the iterator
-        early cancels the requests still in flight.
+        early cancels the requests still in flight. Every yielded result counts as handed to the
+        caller: the next call (or :meth:`close`) settles it in the journal, so commit what you
+        got before asking for more.
         """
+        for i, key, res in self._iter(requests, return_exceptions):
+            if self._journal is not None and not isinstance(res, BaseException):
+                self._journal.handed(key)
+            yield i, res
+
+    def _iter(
+        self, requests: list[GenerationRequest], return_exceptions: bool
+    ) -> Iterator[tuple[int, str, list[Completion] | BaseException]]:
         self.ensure_started()
         assert self._loop is not None
+        if self._journal is not None:
+            self._journal.settle()  # what earlier calls returned is committed by now
         done: queue.Queue[tuple[int, str, concurrent.futures.Future[Any]]] = queue.Queue()
         futures: list[concurrent.futures.Future[Any]] = []
         hits: list[tuple[int, str, list[Completion]]] = []
@@ -819,20 +894,16 @@ class OpenAIEngine(Engine):
         try:
             for i, key, comps in hits:
                 self.journal_hits += 1
-                if self._journal is not None:
-                    self._journal.mark_delivered(key)
-                yield i, comps
+                yield i, key, comps
             for _ in range(len(futures)):
                 i, key, fut = done.get()
                 exc = fut.exception() if not fut.cancelled() else concurrent.futures.CancelledError()
                 if exc is not None:
                     if not return_exceptions:
                         raise exc
-                    yield i, exc
+                    yield i, key, exc
                     continue
-                if self._journal is not None:
-                    self._journal.mark_delivered(key)
-                yield i, fut.result()
+                yield i, key, fut.result()
         finally:
             for fut in futures:
                 fut.cancel()
@@ -840,16 +911,22 @@ class OpenAIEngine(Engine):
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         """Completions for every request, in order; raises the first failure after all finish.
 
-        Every request that succeeded is journaled before the raise, so when the executor
-        bisects the batch only the failing requests are sent again.
+        Every request that succeeded is journaled before the raise (and stays unsettled, since
+        the caller got nothing), so when the executor bisects the batch, or the run is started
+        again, only the failing requests are sent again.
         """
         out: list[list[Completion] | None] = [None] * len(requests)
+        keys: list[str] = []
         first: BaseException | None = None
-        for i, res in self.generate_iter(requests, return_exceptions=True):
+        for i, key, res in self._iter(requests, return_exceptions=True):
             if isinstance(res, BaseException):
                 first = first or res
             else:
                 out[i] = res
+                keys.append(key)
         if first is not None:
             raise first
+        if self._journal is not None:
+            for key in keys:
+                self._journal.handed(key)
         return [o or [] for o in out]

@@ -202,3 +202,22 @@ def test_curriculum_columns_and_stage_outputs(tmp_path: Path) -> None:
     df2, _ = run(make(tmp_path, {"verdict": "correct", "per_problem": 1, "curriculum": {}}, name="o"))
     ordered = df2.sort("curriculum_rank", maintain_order=True)["difficulty"].to_list()
     assert ordered == ["easy"] * 14 + ["medium"] * 14 + ["hard"] * 14
+
+
+# -- preference pairs -----------------------------------------------------------------------------------
+def test_selection_feeds_dpo_pairs(tmp_path: Path) -> None:
+    # select keeps one correct sample per problem; the incorrect ones it drops stay in the rejects,
+    # where dpo-pairs finds its rejected side: one pair per problem that has both
+    out = tmp_path / "dpo"
+    outputs = [{"format": "dpo-pairs", "path": str(out), "options": {"chosen": "shortest", "rejected": "longest", "conversational": False}}]
+    df, _ = run(make(tmp_path, {"verdict": "correct", "per_problem": 1, "prefer": "shortest"}, outputs=outputs))
+    pairs = pl.read_parquet(out / "data" / "*.parquet")
+    rows = problem_rows("math", N_MATH) + problem_rows("code", N_CODE)
+    want_ids = {r["pid"] for r in rows if r["verdict"] == "incorrect"}
+    assert set(pairs["id"]) == want_ids and pairs.height == len(want_ids) == 20 + 8  # medium + hard problems
+    chosen = {r["id"]: r["sample"] for r in df.iter_rows(named=True)}
+    for r in pairs.iter_rows(named=True):
+        assert r["chosen_sample"] == chosen[r["id"]] and r["chosen"] == f"sample {chosen[r['id']]}"
+        wrong = [x for x in rows if x["pid"] == r["id"] and x["verdict"] == "incorrect"]
+        assert r["rejected_sample"] == max(wrong, key=lambda x: x["completion_tokens"])["sample"]
+        assert r["difficulty"] in ("medium", "hard")

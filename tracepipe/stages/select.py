@@ -184,7 +184,8 @@ class Select(SetStage):
         df = df.with_columns(
             pl.coalesce(pl.col(p.group_by).cast(pl.String), pl.col(KEY_COL)).alias("_group"),
             n_len.alias("_len"),
-            pl.Series("_rnd", _stable_rank(df[KEY_COL].to_list(), p.seed), dtype=pl.UInt64),
+            (pl.Series("_rnd", _stable_rank(df[KEY_COL].to_list(), p.seed), dtype=pl.UInt64)
+             if p.prefer == "random" or p.baseline == "random" else pl.lit(0, dtype=pl.UInt64).alias("_rnd")),
             pl.lit(None, dtype=pl.String).alias("_why"),
         )
         if p.prefer in ("shortest", "longest") and p.length_column not in df.columns:

@@ -179,10 +179,28 @@ def _functional(boot, emit, nonce_fd, read, exit_):
         compiled = compile(code, CAND_FILE, "exec")
     except BaseException as e:  # noqa: BLE001
         fail("solution does not compile", e)
+    def restore_builtins():
+        """Undo changes to builtins (the harness needs them too); returns what was changed."""
+        cur = vars(builtins)
+        changed = sorted(k for k in set(safe_builtins) | set(cur) if cur.get(k, fail) is not safe_builtins.get(k, fail))
+        if changed:
+            for k in [k for k in cur if k not in safe_builtins]:
+                del cur[k]
+            cur.update(safe_builtins)
+        return [f"builtins.{k}" for k in changed]
+
+    def tampered(what):
+        emit("F " + json.dumps({"reason": "tampering: the solution changed " + ", ".join(what[:8])}) + "\n")
+        exit_(1)
+
     try:
         exec(compiled, cand_ns)
     except BaseException as e:  # noqa: BLE001 - SystemExit too: leaving early is a failure
+        restore_builtins()
         fail("solution raised", e)
+    changed = restore_builtins()
+    if changed:
+        tampered(changed)
     test_ns = dict(cand_ns)
     test_ns["__builtins__"] = safe_builtins
     test_ns["__name__"] = "__tests__"
@@ -198,8 +216,11 @@ def _functional(boot, emit, nonce_fd, read, exit_):
                 raise NameError(f"the solution defines no {entry!r}")
             check(test_ns[entry])
     except BaseException as e:  # noqa: BLE001
+        changed = restore_builtins()
+        if changed:
+            tampered(changed)
         fail("test failed", e)
-    changed = sorted(k for k in set(safe_builtins) | set(vars(builtins)) if vars(builtins).get(k, fail) is not safe_builtins.get(k, fail))
+    changed = restore_builtins()
     for mname, (mod, attrs, keys) in snapshot.items():
         cur = getattr(mod, "__dict__", {})
         changed += [f"{mname}.{k}" for k, v in attrs.items() if cur.get(k, fail) is not v]
@@ -208,8 +229,7 @@ def _functional(boot, emit, nonce_fd, read, exit_):
             if k not in keys and not k.startswith("__") and callable(v) and not isinstance(v, types.ModuleType)
         ]
     if changed:
-        emit("F " + json.dumps({"reason": "tampering: the solution changed " + ", ".join(changed[:8])}) + "\n")
-        exit_(1)
+        tampered(changed)
     try:
         nonce = read(nonce_fd, 256).decode("ascii", "replace").strip()
     except OSError:

@@ -214,3 +214,29 @@ def test_stats_reach_run_stats_and_card(tmp_path: Path) -> None:
 def test_recipe_errors(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"stages\[2\]\.compress"):
         load_recipe(recipe(tmp_path, rows_for(["longer"]), {"budget_unit": "ratio", "budgets": {"easy": 3}}, name="e"))
+
+
+def test_code_rewrite_runs_the_tests(tmp_path: Path) -> None:
+    # HumanEval: the original trace ends in the canonical solution; rewrites are re-run in the sandbox
+    from tracepipe import DATA_DIR
+
+    he = read_jsonl(DATA_DIR / "benchmarks" / "humaneval.jsonl", limit=2)
+    rows = []
+    for p, broken in zip(he, (False, True)):
+        code = p["prompt"] + p["canonical_solution"]
+        long = "\n".join(f"Step {i}: consider the input carefully and check the edge cases again." for i in range(30))
+        wrong = p["prompt"] + "    return None\n"
+        rows.append({**p, "trace": f"<think>\n{long}\n</think>\n\n```python\n{code}\n```",
+                     "rewrite": f"<think>\nLoop over the input once.\n</think>\n\n```python\n{wrong if broken else code}\n```"})
+    src = write_jsonl(tmp_path / "he.jsonl", rows)
+    path = write_recipe(tmp_path / "he.yaml", {
+        "name": "he", "workdir": str(tmp_path / "work-he"),
+        "source": [{"path": str(src), "preset": "humaneval"}],
+        "engines": {"existing": {"kind": "replay", "column": "trace"}, "rewriter": {"kind": "replay", "column": "rewrite"}},
+        "stages": [{"generate": {"engine": "existing"}}, {"verify": {}}, {"compress": {"engine": "rewriter"}}],
+        "outputs": [],
+    })
+    df, _ = run(path)
+    assert set(df["verdict"]) == {"correct"} and set(df["domain"]) == {"code"}
+    got = {r["id"]: (r["compress_status"], r["compress_verdict"]) for r in df.iter_rows(named=True)}
+    assert got == {he[0]["task_id"]: ("accepted", "correct"), he[1]["task_id"]: ("rejected:tests-failed", "incorrect")}

@@ -104,10 +104,16 @@ def test_card_decontamination_and_compress_stage_stats(tmp_path: Path) -> None:
     ]}
     recipe = validate_tree({"name": "d", "workdir": str(tmp_path / "w"), "source": [{"path": "x.jsonl"}],
                             "outputs": [{"format": "sft-messages", "path": str(tmp_path / "o")}]}, "inline")
+    # the rows the stage dropped, as the runner publishes them under <workdir>/rejects/
+    (tmp_path / "w" / "rejects").mkdir(parents=True)
+    pl.DataFrame({"id": ["d", "e"], "problem": ["x", "y"], "contam_benchmark": ["math500", "math500"],
+                  "contam_method": ["ngram", "ngram"], "_reason": ["decontaminate:ngram"] * 2, "_stage": ["decontaminate"] * 2,
+                  }).write_parquet(tmp_path / "w" / "rejects" / "001-decontaminate.parquet")
     write_output(rows.lazy(), recipe.outputs[0], recipe, stats)
     card = (tmp_path / "o" / "README.md").read_text()
     dec = card.split("## Decontamination")[1].split("##")[0]
     assert "5 rows in, 3 out" in dec and "13-gram overlap with math500: 2" in dec and "ngram: 13" in dec
+    assert "| math500:ngram | 2 |" in dec
     comp = card.split("## Compression")[1].split("##")[0]
     assert "mean_ratio: 0.12" in comp and "rows with a compressed trace: 1 of 3" in comp
     fm, _ = _front_matter(tmp_path / "o" / "README.md")

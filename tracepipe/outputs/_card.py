@@ -214,6 +214,23 @@ def teacher_stats(final: pl.LazyFrame) -> list[dict[str, Any]]:
     return [{"teacher": str(t), "rows": int(n)} for t, n in df.iter_rows() if t is not None]
 
 
+def contamination_by_benchmark(rejects: list[str]) -> dict[str, int]:
+    """Rows a decontaminate stage dropped, per ``benchmark:method`` (from the workdir's rejects)."""
+    out: dict[str, int] = {}
+    for p in rejects:
+        schema = pl.read_parquet_schema(p)
+        if "contam_benchmark" not in schema:
+            continue
+        cols = [pl.col("contam_benchmark").cast(pl.String).fill_null("?").alias("b")]
+        cols.append(pl.col("contam_method").cast(pl.String).fill_null("?").alias("m") if "contam_method" in schema else pl.lit("?").alias("m"))
+        lf = pl.scan_parquet(p)
+        if "_stage" in schema:
+            lf = lf.filter(pl.col("_stage") == "decontaminate")
+        for b, m, n in lf.select(cols).group_by("b", "m").len().sort("b", "m").collect().iter_rows():
+            out[f"{b}:{m}"] = out.get(f"{b}:{m}", 0) + int(n)
+    return out
+
+
 def stage_summaries(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
     keys = ("index", "name", "kind", "rows_in", "rows_out", "dropped", "errors", "cached", "computed",
             "seconds", "compute_seconds", "rows_per_s", "tokens", "extra")
@@ -251,6 +268,7 @@ def summarize(
         "difficulty": difficulty_stats(final),
         "lengths": lengths,
         "decontamination": [s for s in stages if s["name"] == "decontaminate"],
+        "contamination_by_benchmark": contamination_by_benchmark(rejects),
         "compression": [s for s in stages if s["name"] == "compress"],
     }
     return scrub_obj(summary, recipe_secret_env_names(recipe))

@@ -70,6 +70,7 @@ def jinja_env(autoescape: bool = False) -> Any:
         undefined=jinja2.ChainableUndefined,
     )
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:,.3g}" if isinstance(v, float) else str(v))
+    env.filters["cell"] = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * float(v):.1f}%"
     return env
 

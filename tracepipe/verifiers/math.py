@@ -36,6 +36,7 @@ _FINAL = re.compile(
 _ANSWER = re.compile(r"(?:\bthe\s+answer\s+is|\banswer\s*[:=])\s*[:\-]?\s*(?P<a>[^\n]+)", re.IGNORECASE)
 _GSM8K = re.compile(r"^[ \t]*####[ \t]*(?P<a>[^\n]+?)[ \t]*$", re.MULTILINE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BASE = re.compile(r"^\s*([0-9A-Za-z]+)_\{?(\d+)\}?\s*$")  # 52_8, 4210_{5}
 _UNIT_TAIL = re.compile(r"^(?P<n>[-+]?\$?\s*\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?)\s*%?\s*[A-Za-z][A-Za-z .']*$")
 
@@ -83,6 +84,8 @@ def _clean_phrase(s: str) -> str:
     m = _UNIT_TAIL.match(s)
     if m and "\\" not in s:
         s = m.group("n").replace("$", "").strip()
+    if _THOUSANDS.fullmatch(s):  # 1,450,000 -> 1450000 (as the gsm8k answer format stores gold)
+        s = s.replace(",", "")
     return s
 
 

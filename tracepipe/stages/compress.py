@@ -40,8 +40,10 @@ Otherwise the original is kept and the reason recorded. Only rows whose ``verdic
 ``verdicts`` (default ``[correct]``) are rewritten (``skipped:<verdict>``); rows without a
 reasoning trace are ``skipped:no-reasoning``. When the rewriter is itself a reasoning model, the
 *last* ``<think>…</think>`` block of its output is the rewritten trace (its own thinking comes
-first); a server that splits reasoning out returns the tagged block as reasoning, which is used
-when the text has no tags left. Token counts use ``tokenizer`` (a local dir / Hub id), else the
+first; give it room with ``max_tokens``, since the default cap is the original's length + 256);
+a server that splits reasoning out returns the tagged block as reasoning, which is used when the
+text has no tags left. The prompt holds the whole original trace: the rewriter's context must fit
+it (else ``rejected:prompt-too-long``). Token counts use ``tokenizer`` (a local dir / Hub id), else the
 rewriter's tokenizer, else an estimate (words and punctuation; ``token_unit`` in the stats).
 
 ``method: shortest-correct``: no model. Of the correct samples of a problem (``group_by``),

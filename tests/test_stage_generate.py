@@ -207,6 +207,25 @@ def test_generate_vllm_recipe_run(tmp_path: Path, tiny_model_dir: Path, tiny_vll
     assert [e[1] for e in vllm_engine._SHARED.values()] == [1]
 
 
+@pytest.mark.slow
+def test_generate_transformers_greedy_matches_vllm(tmp_path: Path, tiny_model_dir: Path, tiny_vllm_engine) -> None:
+    engines = {"small": {"kind": "transformers", "model": str(tiny_model_dir), "dtype": "float32"}}
+    gen = {"engine": "small", "temperature": 0.0, "max_tokens": 16, "system_prompt": "Be brief."}
+    path = _recipe(tmp_path, [{"generate": gen}], engines, limit=3)
+    stats = _run(path)
+    res = _stage_rows(path, stats)
+    assert res.height == 3
+    from tracepipe.engines.base import GenerationRequest, SamplingParams
+
+    for r in res.iter_rows(named=True):
+        msgs = [dict(m) for m in r["messages"]]
+        assert msgs[0] == {"role": "system", "content": "Be brief."}
+        (c,) = tiny_vllm_engine.generate([GenerationRequest(messages=msgs, sampling=SamplingParams(temperature=0.0, max_tokens=16))])[0]
+        assert (r["finish_reason"], r["completion_tokens"], r["prompt_tokens"]) == (c.finish_reason, c.completion_tokens, c.prompt_tokens)
+        assert (r["reasoning"] if r["truncated"] else r["response"]) == c.text.strip()
+        assert r["teacher"] == tiny_vllm_engine.fingerprint()  # same checkpoint: same teacher
+
+
 def test_generate_needs_no_engine_for_a_cached_plan(tmp_path: Path, tiny_model_dir: Path) -> None:
     """plan fingerprints the vllm engine without loading it."""
     engines = {"teacher": tiny_vllm_config(tiny_model_dir)}

@@ -17,8 +17,8 @@ from rich.table import Table
 from tracepipe.recipe import Recipe, RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build reasoning-trace datasets from one recipe.")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -87,7 +87,9 @@ def run(
     else:
         console.print(_stage_table(stats, plan=False))
         for o in stats["outputs"]:
-            console.print(f"wrote {o['format']} to {o['path']}: {o['rows']}")
+            console.print(f"wrote {o['format']} to {o['path']}: {o['rows']}", markup=False)
+            for line in o.get("push", []) or []:
+                console.print(f"  {line}", markup=False)
         console.print(f"done in {stats['seconds']:.1f}s; stats in {r.workdir_path()}/stats.json")
 
 

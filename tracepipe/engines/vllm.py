@@ -32,7 +32,8 @@ How it works:
 - **Scoring** (:meth:`VllmEngine.score`) is prefill only: ``max_tokens=1``, ``prompt_logprobs=k``,
   with ``logprobs_mode="raw_logprobs"`` (the model's log-softmax, before any sampling processor;
   for prompt tokens vLLM documents raw and processed as identical). ``top_k`` is at most
-  ``max_logprobs``.
+  ``max_logprobs``. Results come back as ``flat_logprobs`` (flat lists, no per-entry objects)
+  and are read with numpy: the engine's own work stays a few percent of vLLM's.
 - The fingerprint is computed without loading weights (see :mod:`tracepipe.engines._hf`);
   ``sampling_args`` change outputs but not the teacher's identity, so the ``generate`` stage
   hashes them into its own fingerprint instead.
@@ -256,11 +257,18 @@ class VllmEngine(Engine):
         for s in sequences:
             if len(s) + 1 > self._max_len:
                 raise ValueError(f"a sequence of {len(s)} tokens does not fit max_model_len={self._max_len} (plus one decoded token)")
-        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
+        # flat_logprobs (vLLM >= 0.11): primitive lists instead of one dict + Logprob per entry,
+        # much less Python work and GC for long sequences; read with numpy below
+        flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False, **flat)
         results = self._llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], sp, use_tqdm=False)
         out: list[ScoreResult] = []
         for ids, res in zip(sequences, results):
             plp = res.prompt_logprobs or []
+            fast = _score_flat(ids, plp, top_k) if hasattr(plp, "start_indices") else None
+            if fast is not None:
+                out.append(fast)
+                continue
             lps: list[float | None] = [None]
             tk_ids: list[list[int]] | None = [[]] if top_k else None
             tk_lps: list[list[float]] | None = [[]] if top_k else None
@@ -273,3 +281,28 @@ class VllmEngine(Engine):
                     tk_lps.append([float(v) for _, _, v in top])
             out.append(ScoreResult(lps, tk_ids, tk_lps))
         return out
+
+
+def _score_flat(ids: list[int], plp: Any, top_k: int) -> ScoreResult | None:
+    """A :class:`ScoreResult` from vLLM's ``FlatLogprobs`` (None if its layout is not the expected one).
+
+    Position ``i >= 1`` holds the prompt token first (its log-prob and rank), then the top-k in rank
+    order (``vllm.v1.engine.logprobs.append_logprobs_for_next_position``); position 0 is empty.
+    """
+    import numpy as np
+
+    n = len(ids)
+    if n < 2 or len(plp) < n:
+        return ScoreResult([None] * n, [[] for _ in range(n)] if top_k else None, [[] for _ in range(n)] if top_k else None)
+    starts = np.asarray(plp.start_indices[1:n], dtype=np.int64)
+    ends = np.asarray(plp.end_indices[1:n], dtype=np.int64)
+    tok = np.asarray(plp.token_ids, dtype=np.int64)
+    val = np.asarray(plp.logprobs, dtype=np.float64)
+    if not (np.all(ends - starts == top_k + 1) and np.array_equal(tok[starts], np.asarray(ids[1:], dtype=np.int64))):
+        return None
+    res = ScoreResult([None, *val[starts].tolist()])
+    if top_k:
+        idx = starts[:, None] + 1 + np.arange(top_k)
+        res.topk_ids = [[], *tok[idx].tolist()]
+        res.topk_logprobs = [[], *val[idx].tolist()]
+    return res

@@ -53,8 +53,9 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
     """``(m, 2)`` int64 pairs (i < j) that share at least one band bucket.
 
-    Buckets larger than ``max_bucket`` contribute star edges (each member with the bucket's first
-    member and its neighbour in order) instead of all pairs, which keeps connectivity.
+    Vectorized: per band, rows are sorted by bucket and each is paired with the next
+    ``max_bucket - 1`` rows of its bucket, so buckets up to ``max_bucket`` rows give all their
+    pairs and larger ones stay connected through overlapping windows.
     """
     n = sig.shape[0]
     found: list[np.ndarray] = []
@@ -62,22 +63,17 @@ def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64
         block = np.ascontiguousarray(sig[:, band * rows : (band + 1) * rows])
         keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
         _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        multi = counts[inv] > 1
-        if not multi.any():
+        inv = inv.ravel()
+        multi = np.nonzero(counts[inv] > 1)[0]
+        if len(multi) == 0:
             continue
-        idx = np.nonzero(multi)[0]
-        order = idx[np.argsort(inv[idx], kind="stable")]
+        order = multi[np.argsort(inv[multi], kind="stable")]
         groups = inv[order]
-        starts = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
-        ends = np.r_[starts[1:], len(order)]
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            members = order[s:e]
-            if len(members) <= max_bucket:
-                ii, jj = np.triu_indices(len(members), 1)
-                found.append(np.stack([members[ii], members[jj]], axis=1))
-            else:
-                found.append(np.stack([np.repeat(members[0], len(members) - 1), members[1:]], axis=1))
-                found.append(np.stack([members[:-1], members[1:]], axis=1))
+        for k in range(1, min(max_bucket, int(counts.max()))):
+            same = groups[:-k] == groups[k:]
+            if not same.any():
+                break
+            found.append(np.stack([order[:-k][same], order[k:][same]], axis=1))
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.concatenate(found).astype(np.int64)

@@ -319,14 +319,48 @@ def front_matter(summary: dict[str, Any], card_opts: dict[str, Any], features: d
     return fm
 
 
-def hf_features(schema: Any) -> Any:
-    """The ``dataset_info.features`` YAML of an Arrow schema, as ``datasets`` writes it (or None)."""
-    try:
-        from datasets import Features
+_HF_DTYPES = {
+    "string": "string", "large_string": "large_string", "bool": "bool",
+    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+    "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+    "halffloat": "float16", "float": "float32", "double": "float64", "binary": "binary", "null": "null",
+}
 
-        return Features.from_arrow_schema(schema)._to_yaml_list()
-    except Exception:  # pragma: no cover - datasets missing or a type it cannot express
-        return None
+
+def _hf_feature(t: Any) -> dict[str, Any] | None:
+    """One Arrow type as a ``datasets`` YAML feature entry (without its name), or None."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        fields = []
+        for f in t:
+            sub = _hf_feature(f.type)
+            if sub is None:
+                return None
+            fields.append({"name": f.name, **sub})
+        return {"struct": fields}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        sub = _hf_feature(t.value_type)
+        if sub is None:
+            return None
+        inner = sub["dtype"] if set(sub) == {"dtype"} else sub.get("struct", sub)
+        return {"list": inner}
+    name = str(t)
+    return {"dtype": _HF_DTYPES[name]} if name in _HF_DTYPES else None
+
+
+def hf_features(schema: Any) -> Any:
+    """The ``dataset_info.features`` YAML of an Arrow schema, as ``datasets`` writes it (or None).
+
+    Computed from the Arrow types directly: importing ``datasets`` for this costs seconds.
+    """
+    out = []
+    for f in schema:
+        entry = _hf_feature(f.type)
+        if entry is None:
+            return None
+        out.append({"name": f.name, **entry})
+    return out
 
 
 def usage_snippet(fmt: str, repo_or_path: str) -> str:

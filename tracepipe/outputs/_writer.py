@@ -22,8 +22,9 @@ Everything is written into a temporary directory next to the output and swapped 
 locally and copied there. With ``push:`` set, the output is pushed after it is written
 (``TRACEPIPE_NO_PUSH=1`` skips that; ``tracepipe push`` pushes later).
 
-Options every format understands: ``where`` (SQL filter over the final rows before formatting)
-and ``card`` (``license``, ``language``, ``task_categories``, ``tags``, ``pretty_name``, ``text``).
+Options every format understands: ``where`` (SQL filter over the final rows before formatting),
+``curriculum_order`` (default true: rows ranked by ``select: {curriculum: ...}`` are written in
+``curriculum_rank`` order) and ``card`` (``license``, ``language``, ``task_categories``, ``tags``, ``pretty_name``, ``text``).
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
         from tracepipe.stages._sql import parse_sql_expr
 
         final = final.filter(parse_sql_expr(str(where)).fill_null(False))
+    if "curriculum_rank" in final.collect_schema() and option_bool(options, "curriculum_order", True):
+        # `select: {curriculum: ...}` ranks rows (easy -> hard, or named stages); trainers read in file order
+        final = final.sort("curriculum_rank", maintain_order=True, nulls_last=True)
     rows = get_format(spec.format)(final, {**options, "_rejects": rejects})
     schema = rows.collect_schema()
     if spec.test_fraction > 0:
@@ -263,6 +267,9 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
             splits = ["train"] + (["test"] if "test" in present else [])
         files: list[dict[str, Any]] = []
         for split in splits:
+            if SPLIT_COL not in schema and not drop_id:  # one split, nothing to drop: shard the staged rows
+                files += write_shards(staged, tmp / "data", split, int(spec.shard_size_mb * 2**20), spec.row_group_rows)
+                continue
             part = pl.scan_parquet(staged)
             if SPLIT_COL in schema:
                 part = part.filter(pl.col(SPLIT_COL) == split).drop(SPLIT_COL)

@@ -35,9 +35,9 @@ Steps, in order:
    with ``curriculum: {}``) sets ``curriculum_stage`` (the value) and ``curriculum_rank`` (its
    position); named stages as in two-stage curriculum SFT: ``curriculum: {by: difficulty,
    stages: {stage1: [easy, medium], stage2: [hard]}}`` set ``curriculum_stage`` to the stage
-   name. Values not listed go last. Rows stay in their input order (the runner keeps set-stage
-   output in input order); train in curriculum order by sorting on ``curriculum_rank`` (a stable
-   sort), or write one output per named stage with the writer's ``where`` option
+   name. Values not listed go last. The runner keeps set-stage output in input order; the output
+   writer sorts on ``curriculum_rank`` (a stable sort; ``options: {curriculum_order: false}``
+   turns it off), so shards are in curriculum order. Or write one output per named stage with the writer's ``where`` option
    (``options: {where: "curriculum_stage = 'stage1'"}``) and train on them one after the other.
 5. **Random baseline** (``baseline: random``): for ablations, the same number of rows as the
    curated selection (steps 1-3 above, computed the same way), drawn uniformly with ``seed``

@@ -24,6 +24,7 @@ import fcntl
 import io
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -192,7 +193,7 @@ class Runner:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         stats = RunStats(recipe=self.recipe.name, run_id=run_id, mode="plan" if plan else "run")
         t_run = time.perf_counter()
-        base = self.local_workdir or Path("/tmp") / "tracepipe" / self.recipe.name
+        base = self.local_workdir or Path(tempfile.gettempdir()) / f"tracepipe-run-{self.recipe.name}"
         with workdir_lock(base):
             tmp_root = base / "tmp"
             if tmp_root.exists():  # stale scratch of killed runs (we hold the lock)

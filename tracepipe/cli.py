@@ -17,8 +17,8 @@ from rich.table import Table
 from tracepipe.recipe import Recipe, RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build reasoning-trace datasets from one recipe.")
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

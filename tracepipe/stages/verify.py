@@ -95,7 +95,7 @@ class VerifyParams(StageParams):
     math: MathParams = Field(default_factory=MathParams)
     code: CodeParams = Field(default_factory=CodeParams)
     format: FormatParams = Field(default_factory=FormatParams)
-    batch_size: int = ExecField(64, ge=1, description="rows per batch (and per committed part)")
+    batch_size: int = ExecField(128, ge=1, description="rows per batch (and per committed part)")
     code_concurrency: int = ExecField(4, ge=1, description="sandboxes run at once per worker process")
     math_workers: int = ExecField(1, ge=1, description="math-verify processes per worker process")
 

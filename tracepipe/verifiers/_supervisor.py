@@ -65,7 +65,16 @@ class _Child:
     def __init__(self, ctx: Any, target: str, memory_mb: int | None) -> None:
         parent, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_child_main, args=(child, target, memory_mb), daemon=True)
-        self.proc.start()
+        cfg = mp.current_process()._config  # type: ignore[attr-defined]
+        was_daemon = cfg.get("daemon")
+        try:
+            # inside a daemonic process (a multiprocessing.Pool worker) multiprocessing refuses
+            # children; ours are safe there: they exit when our end of the pipe closes
+            cfg["daemon"] = False
+            self.proc.start()
+        finally:
+            if was_daemon is not None:
+                cfg["daemon"] = was_daemon
         child.close()
         self.conn: Connection = parent
         self.queue: deque[int] = deque()
@@ -133,7 +142,9 @@ class Supervisor:
     def map(self, items: list[tuple[Any, ...]]) -> list[Outcome]:
         """Run the target on every argument tuple; one outcome per item, in order."""
         results: list[Outcome | None] = [None] * len(items)
-        shares: list[list[int]] = [list(range(i, len(items), self.workers)) for i in range(self.workers)]
+        # contiguous shares: neighbouring items (samples of one problem) share a worker's caches
+        bounds = [round(k * len(items) / self.workers) for k in range(self.workers + 1)]
+        shares: list[list[int]] = [list(range(bounds[k], bounds[k + 1])) for k in range(self.workers)]
         active: dict[int, _Child] = {}
         for w, share in enumerate(shares):
             if share:

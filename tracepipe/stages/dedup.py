@@ -23,8 +23,11 @@ another problem, however similar its wording.
 
 Why a set stage: the decision needs every row, but it is cheap (signatures / search over cached
 vectors) and deterministic, so it is recomputed over the current rows each run and cached by a
-digest of its exact input. With ``keep: first`` and exact search, appending rows changes no
-earlier decision except where a new row duplicates (or bridges groups of) old rows.
+digest of its exact input. With ``keep: first`` and exact search (``index: flat``, or up to
+``flat_max`` rows), adding rows changes no earlier decision except where a new row duplicates
+(or bridges groups of) old rows; IVF (above ``flat_max``) trains its lists on a seeded sample of
+the current rows, so a pair split across unprobed lists could be found in one run and missed in
+another (measured: IVF found 100% of the exact pairs up to 100k rows at cosine 0.95).
 
 Examples:
     - dedup: {method: exact}
@@ -69,7 +72,7 @@ class DedupParams(StageParams):
     # semantic
     embedding: str = Field("embedding", description="semantic: vector column (from the embed stage)")
     index: Literal["auto", "flat", "ivf"] = Field("auto", description="semantic: FAISS index (auto: flat up to flat_max rows)")
-    flat_max: int = Field(50_000, ge=1, description="semantic: largest set searched exactly with auto")
+    flat_max: int = Field(20_000, ge=1, description="semantic: largest set searched exactly with auto (IVF above)")
     nprobe: int = Field(16, ge=1, description="semantic: IVF lists probed per query")
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -173,3 +174,41 @@ def test_require_isolation_refuses_without_bubblewrap():
     v = CodeVerifier(bwrap="/nonexistent/bwrap", require_isolation=True)
     r = v.verify("```python\ndef f(x):\n    return 2 * x\n```", json.dumps({"style": "functional", "code": "assert f(2) == 4"}))
     assert r.verdict == "error" and "require_isolation" in r.detail and "apt-get install -y bubblewrap" in r.detail
+
+
+def test_sandbox_environment(verifier):
+    """What a program sees: not root, PID 1 is not the host's init, no network, empty env, a
+    private writable work dir, the limits set, and the pipeline's own interpreter when reachable."""
+    prog = '''
+import os, resource, socket, sys
+def f(x):
+    facts = {
+        "uid_not_root": os.getuid() != 0,
+        "own_pid_ns": len([p for p in os.listdir("/proc") if p.isdigit()]) < 10,
+        "env_empty": not any(k for k in os.environ if k not in ("HOME", "PATH", "LANG", "PYTHONDONTWRITEBYTECODE", "PWD", "LC_CTYPE")),
+        "cwd_writable": open("scratch.txt", "w").write("x") == 1,
+        "nproc_limited": resource.getrlimit(resource.RLIMIT_NPROC)[0] < 1000,
+        "as_limited": resource.getrlimit(resource.RLIMIT_AS)[0] <= 2048 * 2**20,
+        "no_network": [n for _, n in socket.if_nameindex()] in ([], ["lo"]),
+    }
+    bad = [k for k, v in facts.items() if not v]
+    if bad:
+        raise AssertionError(bad)
+    return x * 2
+'''
+    tests = json.dumps({"style": "functional", "code": "assert f(2) == 4", "entry_point": "f"})
+    r = verifier.verify(f"```python\n{prog}\n```", tests)
+    assert r.verdict == "correct", r.detail
+
+
+def test_pipeline_interpreter_is_used_when_reachable():
+    iso = isolation()
+    if iso.python != sys.executable:
+        pytest.skip(f"the sandbox uses {iso.python} (this interpreter is not reachable from the sandbox here)")
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pytest.skip("numpy not installed")
+    v = CodeVerifier()
+    tests = json.dumps({"style": "functional", "code": "assert f(2) == 4", "entry_point": "f"})
+    assert v.verify("```python\nimport numpy as np\ndef f(x):\n    return int(np.int64(x) * 2)\n```", tests).verdict == "correct"

@@ -66,7 +66,9 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "read_home_secret": (
         "import os\ndef f(x):\n    for p in (os.path.expanduser('~/.tp_secret'), '@SECRETFILE@'):\n        try:\n"
         "            if open(p).read().strip() == '@SECRET@':\n                return 4\n        except OSError:\n            pass\n    return 0\n", FUNC),
-    "read_root_home": ("import os\ndef f(x):\n    return 4 if os.listdir('/root') or open('/etc/shadow').read() else 0\n", FUNC),
+    "read_root_home": (
+        "def f(x):\n    for p in ('/root/.bashrc', '/root/.profile', '/root/.ssh/id_rsa', '/etc/shadow', '/etc/passwd'):\n"
+        "        try:\n            open(p).read()\n            return 4\n        except OSError:\n            pass\n    return 0\n", FUNC),
     "proc_environ_of_others": (
         "import os\ndef f(x):\n    for p in os.listdir('/proc'):\n        try:\n            if b'@SECRET@' in open(f'/proc/{p}/environ', 'rb').read():\n                return 4\n"
         "        except (OSError, ValueError):\n            pass\n    return 0\n", FUNC),
@@ -200,7 +202,7 @@ def hostile(tmp_path, monkeypatch):
     for p in (hostfile, Path(f"/tmp/pwned-{tag}"), Path(f"/root/pwned-{tag}"), Path(f"/usr/pwned-{tag}"),
               Path(os.getcwd()) / f"pwned-{tag}", Path(f"/var/tmp/pwned-{tag}")):
         assert not p.exists(), f"{p} was written from inside the sandbox"
-    survivors = _processes_with([tag, "Test harness run *inside* the sandbox", "bwrap --unshare-all"], before)
+    survivors = _processes_with([tag, "Test harness run *inside* the sandbox", "--die-with-parent --new-session"], before)
     assert not survivors, f"processes outlived the sandbox: {survivors}"
 
 

@@ -146,6 +146,7 @@ class Isolation:
     drop_uid: bool  # running as root: use a random unprivileged uid
     reason: str  # why bubblewrap is not used (empty when it is)
     userns: bool = True  # explicit --unshare-user + --disable-userns (no nested user namespaces)
+    setpriv: str | None = None  # root: bwrap mounts as root, then setpriv drops to the random uid
 
     @property
     def label(self) -> str:
@@ -197,8 +198,13 @@ def isolation(python: str | None = None, mode: str = "auto", bwrap: str = "bwrap
         reason = f"bubblewrap ({bwrap}) is not installed; install it: apt-get install -y bubblewrap"
     else:
         errors = []
-        for py, userns in [(c, u) for c in cands for u in (True, False)]:
-            iso = Isolation(bw, py, _python_binds(py), drop, "", userns)
+        sp = shutil.which("setpriv") if drop else None
+        # root: privileged bwrap + setpriv first (every interpreter reachable, e.g. under /root),
+        # then the random uid from the start with an unprivileged user namespace
+        tries = [(c, False, sp) for c in cands] if sp and sp.startswith("/usr/") else []
+        tries += [(c, u, None) for c in cands for u in (True, False)]
+        for py, userns, setpriv in tries:
+            iso = Isolation(bw, py, _python_binds(py), drop, "", userns, setpriv)
             try:
                 uid = secrets.randbelow(1_900_000_000) + 100_000_000 if drop else None
                 res = _spawn(iso, [py, "-I", "-c", "import sys; print('tracepipe-ok', sys.version_info[0])"], b"", (), 20.0,
@@ -259,10 +265,15 @@ class _Run:
     out_bytes: int = 0
 
 
-def _bwrap_argv(iso: Isolation, limits: SandboxLimits, argv: list[str]) -> list[str]:
+def _bwrap_argv(iso: Isolation, limits: SandboxLimits, argv: list[str], uid: int | None = None) -> list[str]:
     size = str(int(limits.tmpfs_mb) << 20)
+    if iso.setpriv:  # root: no user namespace (it would map the sandbox to uid 0); setpriv drops uid
+        ns = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+              "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        ns = ["--unshare-all"]
     a = [
-        iso.bwrap or "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        iso.bwrap or "bwrap", *ns, "--die-with-parent", "--new-session", "--hostname", "sandbox",
         "--ro-bind", "/usr", "/usr",
     ]
     for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -273,17 +284,27 @@ def _bwrap_argv(iso: Isolation, limits: SandboxLimits, argv: list[str]) -> list[
     for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives"):
         if os.path.exists(f):
             a += ["--ro-bind", f, f]
+    made: set[str] = set()
     for d in iso.binds:
+        for anc in reversed(Path(d).parents):  # parents of the bind (e.g. /root) readable inside
+            if str(anc) != "/" and str(anc) not in made and not str(anc).startswith("/usr"):
+                made.add(str(anc))
+                a += ["--perms", "0755", "--dir", str(anc)]
         a += ["--ro-bind", d, d]
     a += [
         "--proc", "/proc", "--dev", "/dev",
-        "--size", size, "--tmpfs", SANDBOX_WORKDIR, "--size", size, "--tmpfs", "/tmp",
+        "--perms", "1777", "--size", size, "--tmpfs", SANDBOX_WORKDIR, "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
         "--chdir", SANDBOX_WORKDIR, "--clearenv",
         "--setenv", "HOME", SANDBOX_WORKDIR, "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
         "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
     ]
-    if iso.userns:
+    if iso.userns and not iso.setpriv:
         a += ["--unshare-user", "--disable-userns"]
+    if iso.setpriv:
+        if uid is None:
+            uid = secrets.randbelow(1_900_000_000) + 100_000_000
+        argv = [iso.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all", "--no-new-privs", "--", *argv]
     return [*a, "--", *argv]
 
 
@@ -342,9 +363,9 @@ def _spawn(
 ) -> _Run:
     """Start ``argv`` (in bwrap when ``iso.bwrap``), feed stdin, collect stdout / stderr / results."""
     t0 = time.monotonic()
-    full = _bwrap_argv(iso, limits, argv) if iso.bwrap else argv
+    full = _bwrap_argv(iso, limits, argv, uid) if iso.bwrap else argv
     kw: dict[str, Any] = {}
-    if uid is not None:
+    if uid is not None and not iso.setpriv:
         kw.update(user=uid, group=uid, extra_groups=[])
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     if not iso.bwrap:
@@ -658,7 +679,9 @@ class CodeVerifier:
             msg = run.stderr.decode("utf-8", "replace").strip()
             if "bwrap" in msg:
                 return CodeResult("error", f"sandbox failed to start: {msg[-300:]}")
-        return CodeResult("incorrect", f"runner stopped after {state['n']} of {len(cases)} cases (rc={run.rc})")
+        err = run.stderr.decode("utf-8", "replace").strip().splitlines()
+        return CodeResult("incorrect", f"runner stopped after {state['n']} of {len(cases)} cases (rc={run.rc})"
+                          + (f": {err[-1][:200]}" if err else ""))
 
 
 __all__ = [

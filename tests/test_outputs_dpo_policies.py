@@ -81,6 +81,11 @@ def test_length_all_pairs_and_cap() -> None:
     assert triples(dpo(length_rows(), kind="length", pairs="all")) == [("p1", 0, 1), ("p1", 0, 2), ("p1", 2, 1)]
     assert triples(dpo(length_rows(), kind="length", pairs="all", max_pairs_per_problem=2)) == [("p1", 0, 1), ("p1", 0, 2)]
     assert triples(dpo(length_rows(), kind="length", pairs="all", min_ratio=2.5)) == [("p1", 0, 1)]
+    # no ratio: any strictly longer correct sample (p2's 250 vs 200 now pairs; equal lengths never do)
+    ties = [*length_rows(), row("p2", 2, tokens=250)]
+    assert triples(dpo(ties, kind="length", pairs="all", min_ratio=None)) == [
+        ("p1", 0, 1), ("p1", 0, 2), ("p1", 2, 1), ("p2", 0, 1), ("p2", 0, 2),
+    ]
 
 
 def test_length_columns_and_fallbacks() -> None:
@@ -142,6 +147,7 @@ def test_correctness_shortest_uses_compressed_length() -> None:
     )
     df = dpo(lf)
     assert triples(df) == [("p5", 1, 2), ("p7", 1, 2)] and df["rejected_length"].to_list() == [700, 700]
+    assert df["length_unit"].to_list() == ["reasoning_compressed_tokens / completion_tokens"] * 2
 
 
 def test_correctness_defaults_unchanged(rejects_file: str) -> None:
@@ -283,7 +289,7 @@ OUTPUTS = {
     "correct": {},
     "correct_ct": {"length_column": "completion_tokens"},
     "length": {"kind": "length", "length_column": "completion_tokens"},
-    "length_hi": {"kind": "length", "length_column": "completion_tokens", "min_ratio": 4.0},
+    "length_hi": {"kind": "length", "length_column": "completion_tokens", "min_ratio": 2.1},
     "length_auto": {"kind": "length"},
     "compressed": {"kind": "compressed"},
 }
@@ -352,7 +358,7 @@ def _ratio_table(math_run: dict[str, Any]) -> dict[str, float]:
 
 def test_real_run_length_pairs(math_run: dict[str, Any]) -> None:
     ratios = _ratio_table(math_run)
-    for key, r in (("length", 1.5), ("length_hi", 4.0)):
+    for key, r in (("length", 1.5), ("length_hi", 2.1)):
         df = math_run[key]
         want = [pid for pid, x in ratios.items() if x >= r]
         assert df["id"].to_list() == want, key

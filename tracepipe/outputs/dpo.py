@@ -13,8 +13,9 @@ Samples of one problem are grouped by ``id``. Option ``kind`` picks how pairs ar
     *Chosen*: the shortest correct sample among the final rows. *Rejected*: the longest correct
     sample among the final rows and, with ``include_rejects``, the correct samples later stages
     dropped (a ``select: {per_problem: 1, prefer: shortest}`` or a ``compress`` with
-    ``method: shortest-correct`` drops exactly the long ones). A pair needs two different rows
-    and ``rejected_length >= min_ratio * chosen_length`` (``min_ratio``, default 1.5); a problem
+    ``method: shortest-correct`` drops exactly the long ones). A pair needs two different rows,
+    the rejected one strictly longer and ``rejected_length >= min_ratio * chosen_length``
+    (``min_ratio``, default 1.5; ``null``: strictly longer is enough); a problem
     whose longest correct sample is not that much longer gives no pair. Incorrect samples are
     not used by this kind (pair them with ``kind: correctness`` in a second output).
 ``compressed``: a compressed trace vs the original trace of the *same row*.
@@ -61,7 +62,8 @@ Options (plus the shared ones of :mod:`tracepipe.outputs._common`):
 
 Output columns: ``prompt``, ``chosen``, ``rejected``, metadata of the problem (id, source,
 domain, answer, difficulty, pass_rate, teacher), ``chosen_sample`` / ``rejected_sample``,
-``pair_kind``, ``chosen_length`` / ``rejected_length`` and ``length_unit`` (the measure used).
+``pair_kind``, ``chosen_length`` / ``rejected_length`` and ``length_unit`` (the measure used;
+``<chosen unit> / <rejected unit>`` when ``correctness`` had to measure the two sides differently).
 
 Example::
 
@@ -300,7 +302,7 @@ def dpo_pairs(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
             base = with_length(base, length_measures(schema, options), ["id"])
             pos = base.filter(pl.col("_final"))
             neg = base
-            ok = (pl.col("_i") != pl.col("_i_r"))
+            ok = (pl.col("_i") != pl.col("_i_r")) & (pl.col("_len_r") > pl.col("_len"))
             ratio = _min_ratio(options, 1.5)
             if ratio is not None:
                 ok = ok & (pl.col("_len_r") >= ratio * pl.col("_len"))
@@ -321,7 +323,8 @@ def dpo_pairs(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
         pl.col("_prompt").alias("prompt"), "chosen", "rejected", *keep_id, *meta, "chosen_sample", "rejected_sample",
         pl.lit(kind).alias("pair_kind"),
         pl.col("_len").cast(ldt).alias("chosen_length"), pl.col("_len_r").cast(ldt).alias("rejected_length"),
-        pl.col("_unit").alias("length_unit"),
+        pl.when(pl.col("_unit") == pl.col("_unit_r")).then(pl.col("_unit"))
+        .otherwise(pl.concat_str([pl.col("_unit"), pl.lit(" / "), pl.col("_unit_r")])).alias("length_unit"),
     )
 
 
@@ -341,14 +344,18 @@ def _pair(
     r = ranked(neg, rejected_policy, "r").select(
         "id", pl.col("_i").alias("_i_r"), pl.col("_len").alias("_len_r"), pl.col("_unit").alias("_unit_r"), "_rank_r",
     )
+    if pairs == "one":
+        # the best pair is the two first-ranked rows: when they fail `ok` (too close in length),
+        # every other pair of the problem does too
+        c, r = c.filter(pl.col("_rank_c") == 0), r.filter(pl.col("_rank_r") == 0)
     joined = c.join(r, on="id", how="inner").filter(ok)
     # problem order = first appearance in the final rows; pairs of a problem by policy rank
     first = base.filter(pl.col("_final")).group_by("id").agg(pl.col("_i").min().alias("_first"))
-    joined = joined.join(first, on="id", how="left")
-    if pairs == "one":
-        joined = joined.sort(["_first", "_rank_c", "_rank_r"], maintain_order=True).unique("id", keep="first", maintain_order=True)
-    else:
-        joined = joined.with_columns((pl.col("_rank_c") + pl.col("_rank_r")).alias("_diag")).sort(["_first", "_diag", "_rank_c"], maintain_order=True)
+    joined = (
+        joined.join(first, on="id", how="left")
+        .with_columns((pl.col("_rank_c") + pl.col("_rank_r")).alias("_diag"))
+        .sort(["_first", "_diag", "_rank_c"], maintain_order=True)
+    )
     texts = base.select("_i", "_prompt", "_answer", "_sample")
     return (
         joined.join(texts.select("_i", "_prompt", pl.col("_answer").alias("chosen"), pl.col("_sample").alias("chosen_sample")),
@@ -386,6 +393,7 @@ def _compressed(
             pl.when(tokens_ok).then(ot).otherwise(_chars_expr(schema, orig_opts)).alias("_len_r"),
             pl.when(tokens_ok).then(pl.lit(TRACE_TOKENS)).otherwise(pl.lit(CHARS)).alias("_unit"),
         )
+        .with_columns(pl.col("_unit").alias("_unit_r"))
     )
     ratio = _min_ratio(options, None)
     if ratio is not None:

@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, field_validator
@@ -188,9 +187,9 @@ def end_of_turn_ids(tok: Any, chat_template_kwargs: dict[str, Any] | None = None
     return fallback
 
 
-def encode_row(
+def encode_rows(
     tok: Any,
-    row: dict[str, Any],
+    rows: list[dict[str, Any]],
     *,
     template: str = DEFAULT_ASSISTANT_TEMPLATE,
     reasoning_mode: str = "think",
@@ -198,30 +197,59 @@ def encode_row(
     max_length: int | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     think_open: str = "<think>",
-) -> Encoded | str:
-    """Tokens and loss mask of one row, or the reason it cannot be scored."""
-    from tracepipe.engines._hf import render_chat
+) -> list[Encoded | str]:
+    """Tokens and loss mask of each row (or the reason it cannot be scored), tokenized in one call.
 
-    content, finished = completion_text(row.get("reasoning"), row.get("response"), template, reasoning_mode)
-    if content is None:
-        return "logprobs: no completion"
-    prompt_text, prompt_ids = render_chat(tok, prompt_messages(row), chat_template_kwargs)
-    # a generation prompt that already opens the think block (DeepSeek-R1): do not repeat it
-    stripped = prompt_text.rstrip()
-    if think_open and stripped.endswith(think_open) and content.startswith(think_open):
-        opened = prompt_text[stripped.rindex(think_open):]
-        content = content[len(opened):] if content.startswith(opened) else content[len(think_open):].lstrip()
-    comp_ids = list(tok(content, add_special_tokens=False)["input_ids"])
-    if finished and eot_ids:
-        comp_ids += eot_ids
-    ids = [*prompt_ids, *comp_ids]
-    mask = [0] * len(prompt_ids) + [1] * len(comp_ids)
-    truncated = False
-    if max_length is not None and len(ids) > max_length:
-        ids, mask, truncated = ids[:max_length], mask[:max_length], True
-        if len(prompt_ids) >= max_length:
-            return "logprobs: prompt fills max_length"
-    return Encoded(ids, mask, len(prompt_ids), content, truncated)
+    The prompt ids are exactly :func:`tracepipe.engines._hf.render_chat`'s (the template's text
+    with the generation prompt, tokenized without adding special tokens again).
+    """
+    kw = dict(chat_template_kwargs or {})
+    out: list[Encoded | str] = []
+    prompts: list[str] = []
+    contents: list[str] = []
+    where: list[int] = []
+    finished_flags: list[bool] = []
+    for i, row in enumerate(rows):
+        content, finished = completion_text(row.get("reasoning"), row.get("response"), template, reasoning_mode)
+        if content is None:
+            out.append("logprobs: no completion")
+            continue
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; set `chat_template:` in the engine config")
+        prompt_text = tok.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True, **kw)
+        # a generation prompt that already opens the think block (DeepSeek-R1): do not repeat it
+        stripped = prompt_text.rstrip()
+        if think_open and stripped.endswith(think_open) and content.startswith(think_open):
+            opened = prompt_text[stripped.rindex(think_open):]
+            content = content[len(opened):] if content.startswith(opened) else content[len(think_open):].lstrip()
+        out.append("")
+        prompts.append(prompt_text)
+        contents.append(content)
+        where.append(i)
+        finished_flags.append(finished)
+    if not where:
+        return out
+    enc = tok([*prompts, *contents], add_special_tokens=False)["input_ids"]
+    n = len(where)
+    for j, i in enumerate(where):
+        prompt_ids, comp_ids = list(enc[j]), list(enc[n + j])
+        if finished_flags[j] and eot_ids:
+            comp_ids += eot_ids
+        ids = prompt_ids + comp_ids
+        mask = [0] * len(prompt_ids) + [1] * len(comp_ids)
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            if len(prompt_ids) >= max_length:
+                out[i] = "logprobs: prompt fills max_length"
+                continue
+            ids, mask, truncated = ids[:max_length], mask[:max_length], True
+        out[i] = Encoded(ids, mask, len(prompt_ids), contents[j], truncated)
+    return out
+
+
+def encode_row(tok: Any, row: dict[str, Any], **kw: Any) -> Encoded | str:
+    """:func:`encode_rows` for one row."""
+    return encode_rows(tok, [row], **kw)[0]
 
 
 def tokenizer_identity(tok: Any) -> str:
@@ -260,40 +288,6 @@ def sft_dataset_teachers(path: str | Path) -> list[str]:
         return []
     vals = lf.select(pl.col("teacher").drop_nulls().unique()).collect().to_series().to_list()
     return sorted(str(v) for v in vals)
-
-
-# -- arrow building ------------------------------------------------------------------------------
-def _list_array(values: list[list[Any] | None], np_dtype: Any, pa_type: pa.DataType) -> pa.Array:
-    lens = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    flat = [x for v in values if v is not None for x in v]
-    child = pa.array(np.asarray(flat, dtype=np_dtype) if flat else np.zeros(0, dtype=np_dtype), type=pa_type)
-    mask = pa.array([v is None for v in values], type=pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), child, mask=mask)
-
-
-def _logprob_array(values: list[list[float | None] | None]) -> pa.Array:
-    """list<float32> with a null first element (the first token has no prediction)."""
-    lens = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.asarray([np.nan if x is None else x for v in values if v is not None for x in v], dtype=np.float32)
-    valid = np.asarray([x is not None for v in values if v is not None for x in v], dtype=bool)
-    child = pa.array(flat, type=pa.float32(), mask=~valid if len(flat) else None)
-    mask = pa.array([v is None for v in values], type=pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), child, mask=mask)
-
-
-def _topk_array(values: list[list[list[Any] | None] | None], np_dtype: Any, pa_type: pa.DataType) -> pa.Array:
-    """list<list<T>> with a null first position."""
-    inner = [pos for v in values if v is not None for pos in v]
-    inner_arr = _list_array(inner, np_dtype, pa_type)
-    lens = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    mask = pa.array([v is None for v in values], type=pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), inner_arr, mask=mask)
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -467,13 +461,14 @@ class Logprobs(RowStage):
             limit = min(limit, mml - 1)  # scoring decodes one token after the sequence
         self._limit = limit
 
-    def encode(self, row: dict[str, Any]) -> Encoded | str:
+    def encode(self, rows: list[dict[str, Any]]) -> list[Encoded | str]:
+        """Tokens and loss masks of rows, as this stage scores them (see :func:`encode_rows`)."""
         p = self.params
         if self._tok is None:
             self.setup()
         engine = self.ctx.engine(p.engine)
-        return encode_row(
-            self._tok, row, template=p.assistant_template, reasoning_mode=p.reasoning, eot_ids=self._eot,
+        return encode_rows(
+            self._tok, rows, template=p.assistant_template, reasoning_mode=p.reasoning, eot_ids=self._eot,
             max_length=self._limit, chat_template_kwargs=getattr(engine.config, "chat_template_kwargs", None) or None,
         )
 
@@ -484,20 +479,23 @@ class Logprobs(RowStage):
         engine = self.ctx.engine(p.engine)
         teacher = self.check_guard()["teacher"]
         rows = batch.to_dicts()
-        enc: list[Encoded | None] = []
-        drops: list[str | None] = []
-        errors: list[str | None] = []
-        for r in rows:
-            err = self._row_check(r.get("teacher"))
-            e: Encoded | str | None = None
-            if err is None:
-                if r.get("response") is None and p.incomplete == "drop":
-                    e = "logprobs: incomplete completion"
-                else:
-                    e = self.encode(r)
-            enc.append(e if isinstance(e, Encoded) else None)
-            drops.append(e if isinstance(e, str) else None)
-            errors.append(err)
+        n = len(rows)
+        enc: list[Encoded | None] = [None] * n
+        drops: list[str | None] = [None] * n
+        errors: list[str | None] = [self._row_check(r.get("teacher")) for r in rows]
+        ok: list[int] = []
+        for i, r in enumerate(rows):
+            if errors[i] is not None:
+                continue
+            if r.get("response") is None and p.incomplete == "drop":
+                drops[i] = "logprobs: incomplete completion"
+            else:
+                ok.append(i)
+        for i, e in zip(ok, self.encode([rows[i] for i in ok])):
+            if isinstance(e, Encoded):
+                enc[i] = e
+            else:
+                drops[i] = e
         todo = [i for i, e in enumerate(enc) if e is not None]
         scores: dict[int, Any] = {}
         chunk: list[int] = []
@@ -522,12 +520,12 @@ class Logprobs(RowStage):
         ids = [e.token_ids if e is not None else None for e in enc]
         cols: dict[str, pa.Array] = {
             IN_KEY_COL: keys.to_arrow(),
-            "token_ids": _list_array(ids, np.int32, pa.int32()),
-            "loss_mask": _list_array([e.loss_mask if e is not None else None for e in enc], np.int8, pa.int8()),
-            "teacher_logprobs": _logprob_array([scores[i].logprobs if i in scores else None for i in range(n)]),
+            "token_ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "loss_mask": pa.array([e.loss_mask if e is not None else None for e in enc], type=pa.list_(pa.int8())),
+            "teacher_logprobs": pa.array([scores[i].logprobs if i in scores else None for i in range(n)], type=pa.list_(pa.float32())),
         }
         if p.top_k:
-            f_np, f_pa = (np.float16, pa.float16()) if p.topk_dtype == "float16" else (np.float32, pa.float32())
+            f_pa = pa.float16() if p.topk_dtype == "float16" else pa.float32()
             tk_ids, tk_lps = [], []
             for i in range(n):
                 s = scores.get(i)
@@ -537,8 +535,8 @@ class Logprobs(RowStage):
                     continue
                 tk_ids.append([None, *s.topk_ids[1:]])
                 tk_lps.append([None, *s.topk_logprobs[1:]])
-            cols["teacher_topk_ids"] = _topk_array(tk_ids, np.int32, pa.int32())
-            cols["teacher_topk_logprobs"] = _topk_array(tk_lps, f_np, f_pa)
+            cols["teacher_topk_ids"] = pa.array(tk_ids, type=pa.list_(pa.list_(pa.int32())))
+            cols["teacher_topk_logprobs"] = pa.array(tk_lps, type=pa.list_(pa.list_(f_pa)))
         cols["n_tokens"] = pa.array([len(e.token_ids) if e is not None else None for e in enc], type=pa.int32())
         cols["logprobs_truncated"] = pa.array([e.truncated if e is not None else None for e in enc], type=pa.bool_())
         cols["logprobs_teacher"] = pa.array([teacher if e is not None else None for e in enc], type=pa.string())

@@ -570,6 +570,9 @@ class Logprobs(RowStage):
                     f"stage `logprobs`: {mismatch_rows} stored row(s) are traces written by {', '.join(foreign)}, not by "
                     f"the scoring teacher {g['teacher']}. {WHY} Set `allow_teacher_mismatch: true` to keep them."
                 )
+        tok_check = g["tokenizer_check"]
+        if tok_check == "unchecked" and writers and all(tok_part(w) == g["teacher_tok"] for w in writers if w):
+            tok_check = "verified"  # every writer's fingerprint carries the teacher's tokenizer hash
         known = set(g["sft_teachers"]) | set(foreign) | ({g["teacher"]} if g["teacher"] in writers else set())
         if g["config_mismatch"] or foreign:
             consistency = "overridden"
@@ -583,7 +586,7 @@ class Logprobs(RowStage):
             "teacher_consistency": consistency,
             "allow_teacher_mismatch": bool(self.params.allow_teacher_mismatch),
             "teacher_mismatch_rows": mismatch_rows if foreign else (int(s["rows"]) if g["config_mismatch"] else 0),
-            "tokenizer_check": g["tokenizer_check"],
+            "tokenizer_check": tok_check,
             "top_k": self.params.top_k,
             "rows": int(s["rows"]),
             "tokens": int(s["tokens"] or 0),

@@ -171,3 +171,24 @@ def test_student_rollouts_are_accepted_with_the_student_named(tmp_path: Path, hf
     ])
     with pytest.raises(RunFailed, match="student_engine"):
         Runner(load_recipe(no_student)).run()
+
+
+def test_rollouts_from_files_through_a_replay_student(tmp_path: Path, hf_engines: dict[str, Any], tiny_model_dir: Path) -> None:
+    """Rollouts written elsewhere: a ``replay`` engine is the student; its tokenizer is checked."""
+    rows = rollout_rows(4, start=400)
+    for r in rows:
+        r["trace"] = (f"<think>\n{r['reasoning']}\n</think>\n\n" if r["reasoning"] else "") + r["response"]
+    src = write_jsonl(tmp_path / "rollouts.jsonl", [{"id": r["id"], "problem": r["problem"], "trace": r["trace"]} for r in rows])
+    engines = {**hf_engines, "student": {"kind": "replay", "column": "trace", "name": "student-sft"}}
+    lp = {"engine": "teacher", "student_engine": "student", "sft_teacher": "teacher", "max_length": 200}
+    # the replay engine has no tokenizer: the check needs one
+    with pytest.raises(RunFailed, match="student_tokenizer"):
+        _guard(engines, **lp)
+    recipe = logprobs_recipe(tmp_path, "replay", src, engines, [
+        {"generate": {"engine": "student", "n": 1}},
+        {"logprobs": {**lp, "student_tokenizer": str(tiny_model_dir)}},
+    ])
+    extra = _extra(Runner(load_recipe(recipe)).run())
+    assert extra["teacher_consistency"] == "verified" and extra["tokenizer_check"] == "verified" and extra["rows"] == 4
+    out = pl.read_parquet(tmp_path / "out-replay" / "data")
+    assert out["generator"].str.starts_with("student-sft").all()

@@ -106,7 +106,7 @@ class LogprobsParams(StageParams):
     mask_end_of_turn: bool = Field(True, description="append the template's end-of-turn token to a finished completion, with loss_mask 1")
     # -- teacher-consistency guard (execution-only: decides whether to run, not what is computed)
     student_engine: str | None = ExecField(None, description="engine of the student whose rollouts are scored (tokenizer check; its rows are rollouts)")
-    student_tokenizer: str | None = ExecField(None, description="the student's tokenizer (directory or Hub id), when it is not an engine")
+    student_tokenizer: str | None = ExecField(None, description="the student's tokenizer (directory or Hub id); checked instead of the student engine's")
     sft_teacher: str | None = ExecField(None, description="engine that produced the SFT data (its fingerprint must equal the scoring teacher's)")
     sft_teacher_fingerprint: str | None = ExecField(None, description="fingerprint of the teacher that produced the SFT data")
     sft_dataset: str | None = ExecField(None, description="the SFT dataset: a tracepipe output directory or Parquet files with a `teacher` column")
@@ -357,14 +357,9 @@ class Logprobs(RowStage):
         tok_check = "unchecked"
         if p.student_engine or p.student_tokenizer:
             s_hash, s_tok = None, None
-            if p.student_engine:
+            if p.student_engine:  # its fingerprint marks its rollouts in the rows' `teacher` column
                 student_fp = self.ctx.engine_fingerprint(p.student_engine)
-                s_engine = self.ctx.engine(p.student_engine)
-                s_hash = s_engine.fingerprint_info().get("tokenizer_hash") or tok_part(student_fp)
-
-                def s_tok() -> Any:
-                    return s_engine.tokenizer()
-            else:
+            if p.student_tokenizer:  # the tokenizer to check: this one when given, else the engine's
                 from tracepipe.engines._hf import load_tokenizer, resolve_local, tokenizer_digest
 
                 local = resolve_local(str(p.student_tokenizer), self.ctx.recipe_dir)
@@ -372,13 +367,19 @@ class Logprobs(RowStage):
 
                 def s_tok() -> Any:
                     return load_tokenizer(str(p.student_tokenizer), base_dir=self.ctx.recipe_dir)
+            else:
+                s_engine = self.ctx.engine(str(p.student_engine))
+                s_hash = s_engine.fingerprint_info().get("tokenizer_hash") or tok_part(student_fp)
+
+                def s_tok() -> Any:
+                    return s_engine.tokenizer()
             if not (s_hash and guard["teacher_tok"] and s_hash == guard["teacher_tok"]):
                 try:
                     same = tokenizer_identity(s_tok()) == tokenizer_identity(engine.tokenizer())
                 except NotImplementedError as e:
                     _refuse(f"{where}: cannot compare the student's and the teacher's tokenizers ({e}); set `student_tokenizer:`")
                 if not same:
-                    who = f"student engine {p.student_engine!r}" if p.student_engine else f"student tokenizer {p.student_tokenizer!r}"
+                    who = f"student tokenizer {p.student_tokenizer!r}" if p.student_tokenizer else f"student engine {p.student_engine!r}"
                     _refuse(
                         f"{where}: the {who} does not share the teacher's tokenizer (vocabulary or encodings differ). "
                         "On-policy distillation compares the two models token by token on the same token ids; "

@@ -284,16 +284,18 @@ def _bwrap_argv(iso: Isolation, limits: SandboxLimits, argv: list[str], uid: int
     for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives"):
         if os.path.exists(f):
             a += ["--ro-bind", f, f]
-    made: set[str] = set()
-    for d in iso.binds:
-        for anc in reversed(Path(d).parents):  # parents of the bind (e.g. /root) readable inside
-            if str(anc) != "/" and str(anc) not in made and not str(anc).startswith("/usr"):
+    a += [
+        "--proc", "/proc", "--dev", "/dev",
+        "--perms", "1777", "--size", size, "--tmpfs", SANDBOX_WORKDIR, "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+    ]
+    made: set[str] = {"/", SANDBOX_WORKDIR, "/tmp"}
+    for d in iso.binds:  # after the tmpfs mounts, so an interpreter under /tmp or /work stays visible
+        for anc in reversed(Path(d).parents):  # parents of the bind (e.g. /root) traversable inside
+            if str(anc) not in made and not str(anc).startswith("/usr"):
                 made.add(str(anc))
                 a += ["--perms", "0755", "--dir", str(anc)]
         a += ["--ro-bind", d, d]
     a += [
-        "--proc", "/proc", "--dev", "/dev",
-        "--perms", "1777", "--size", size, "--tmpfs", SANDBOX_WORKDIR, "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
         "--chdir", SANDBOX_WORKDIR, "--clearenv",
         "--setenv", "HOME", SANDBOX_WORKDIR, "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
         "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",

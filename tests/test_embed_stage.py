@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from tests.fixtures.dedup_data import run_recipe
+from tracepipe.pipeline.runner import RunFailed
 from tracepipe.stages.embed import Embed, EmbedParams
 from tracepipe.text.embedding import default_model_dir, model_fingerprint
 
@@ -69,5 +70,5 @@ def test_float16_and_other_field(tmp_path: Path) -> None:
 
 def test_missing_model_path_fails(tmp_path: Path) -> None:
     rows = pl.DataFrame({"rid": ["a"], "problem": ["x"]})
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
+    with pytest.raises(RunFailed, match=r"stages\[0\]\.embed: .*FileNotFoundError.*no-such-model"):
         run_recipe(tmp_path, rows, "  - embed: {model: ./no-such-model}\n")

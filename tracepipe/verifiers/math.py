@@ -131,11 +131,27 @@ class MathResult:
         return asdict(self)
 
 
-@lru_cache(maxsize=1)
-def _configs() -> list[Any]:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+class _MV:
+    """math-verify, imported on first use (it pulls in sympy) and then bound once."""
 
-    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    parse: Any = None
+    verify: Any = None
+    Timeout: Any = None
+    configs: list[Any] = []
+
+    @classmethod
+    def load(cls) -> type[_MV]:
+        if cls.parse is None:
+            from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+            from math_verify.errors import TimeoutException
+
+            cls.configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+            cls.verify, cls.Timeout, cls.parse = verify, TimeoutException, parse
+        return cls
+
+
+def _configs() -> list[Any]:
+    return _MV.load().configs
 
 
 def _wrap(ans: str) -> str:
@@ -144,18 +160,15 @@ def _wrap(ans: str) -> str:
 
 def parse_answer(ans: str, timeout_s: int = 5) -> list[Any]:
     """math-verify's parse of one answer string (empty list when it does not parse)."""
-    from math_verify import parse
-
-    return parse(_wrap(ans), extraction_config=_configs(), parsing_timeout=timeout_s, raise_on_error=False)
+    mv = _MV.load()
+    return mv.parse(_wrap(ans), extraction_config=mv.configs, parsing_timeout=timeout_s, raise_on_error=False)
 
 
 def _parse_strict(ans: str, timeout_s: int) -> list[Any]:
-    from math_verify import parse
-    from math_verify.errors import TimeoutException
-
+    mv = _MV.load()
     try:
-        return parse(_wrap(ans), extraction_config=_configs(), fallback_mode="no_fallback", parsing_timeout=timeout_s, raise_on_error=True)
-    except TimeoutException:
+        return mv.parse(_wrap(ans), extraction_config=mv.configs, fallback_mode="no_fallback", parsing_timeout=timeout_s, raise_on_error=True)
+    except mv.Timeout:
         raise
     except Exception:  # noqa: BLE001 - an answer that does not parse
         return []
@@ -168,16 +181,14 @@ def _gold_parsed(gold: str, timeout_s: int) -> tuple[Any, ...]:
 
 def _verify_pairs(gold: tuple[Any, ...], pred: list[Any], timeout_s: int) -> bool:
     """``verify`` pair by pair so that a timeout is told apart from 'not equal'."""
-    from math_verify import verify
-    from math_verify.errors import TimeoutException
-
+    mv = _MV.load()
     timed_out = False
     for g in gold:
         for p in pred:
             try:
-                if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
+                if mv.verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
                     return True
-            except TimeoutException:
+            except mv.Timeout:
                 timed_out = True
             except Exception:  # noqa: BLE001 - incomparable pair
                 continue
@@ -190,7 +201,7 @@ def check_math(
     response: str | None, gold: str | None, *, timeout_s: int = 5, last_number: bool = False,
 ) -> MathResult:
     """Verdict for one response against one gold answer, in this process (main thread only)."""
-    from math_verify.errors import TimeoutException
+    TimeoutException = _MV.load().Timeout  # noqa: N806
 
     pred, how = extract_answer(response, last_number)
     if gold is None or not str(gold).strip():

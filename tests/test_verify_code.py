@@ -172,8 +172,9 @@ def test_without_bubblewrap_warns_and_falls_back_to_rlimits(monkeypatch):
 
 def test_require_isolation_refuses_without_bubblewrap():
     v = CodeVerifier(bwrap="/nonexistent/bwrap", require_isolation=True)
-    r = v.verify("```python\ndef f(x):\n    return 2 * x\n```", json.dumps({"style": "functional", "code": "assert f(2) == 4"}))
-    assert r.verdict == "error" and "require_isolation" in r.detail and "apt-get install -y bubblewrap" in r.detail
+    for _ in range(2):  # and keeps refusing
+        r = v.verify("```python\ndef f(x):\n    return 2 * x\n```", json.dumps({"style": "functional", "code": "assert f(2) == 4"}))
+        assert r.verdict == "error" and "require_isolation" in r.detail and "apt-get install -y bubblewrap" in r.detail
 
 
 def test_sandbox_environment(verifier):

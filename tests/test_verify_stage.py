@@ -137,16 +137,17 @@ def test_routing_verdicts_format_and_drops(tmp_path):
 def test_require_isolation_refuses_and_the_run_fails(tmp_path):
     he = humaneval_rows()[0]
     src = tmp_path / "rows.jsonl"
-    src.write_text(json.dumps({"id": "c", "problem": "p", "tests": humaneval_tests(he),
-                               "response": f"```python\n{he['prompt'] + he['canonical_solution']}\n```"}) + "\n")
+    row = {"problem": "p", "tests": humaneval_tests(he), "response": f"```python\n{he['prompt'] + he['canonical_solution']}\n```"}
+    src.write_text("".join(json.dumps({**row, "id": f"c{i}"}) + "\n" for i in range(5)))
     recipe = _write(tmp_path / "r.yaml", {
         "name": "refuse", "workdir": str(tmp_path / "work"), "source": [{"path": str(src), "domain": "code"}],
-        "stages": [{"verify": {"code": {"require_isolation": True, "bwrap": "/nonexistent/bwrap"}}}], "max_error_rate": 0.0,
+        "stages": [{"verify": {"batch_size": 2, "code": {"require_isolation": True, "bwrap": "/nonexistent/bwrap"}}}],
+        "max_error_rate": 0.0, "executor": {"workers": 1},
     })
     with pytest.raises(RunFailed, match="require_isolation is set but bubblewrap"):
         Runner(load_recipe(recipe)).run()
     q = pl.read_parquet(str(tmp_path / "work" / "quarantine" / "*.parquet"))
-    assert q.height == 1 and "apt-get install -y bubblewrap" in q["_error"][0]
+    assert q.height == 5 and q["_error"].str.contains("apt-get install -y bubblewrap").all()  # every batch refused
 
 
 def test_params_validation_and_fingerprint(tmp_path):

@@ -496,11 +496,12 @@ class CodeVerifier:
     def iso(self) -> Isolation:
         if self._iso is None:
             with _PROBE_LOCK:
-                self._iso = isolation(self.python, "none" if self.isolation_mode == "none" else "auto", self.bwrap)
-            if not self._iso.bwrap:
-                if self.require_isolation:
-                    raise IsolationUnavailable(f"require_isolation is set but {self._iso.reason}")
-                warn_unisolated(self._iso)
+                iso = isolation(self.python, "none" if self.isolation_mode == "none" else "auto", self.bwrap)
+            if not iso.bwrap and not self.require_isolation:
+                warn_unisolated(iso)
+            self._iso = iso
+        if not self._iso.bwrap and self.require_isolation:  # every time: never run unisolated
+            raise IsolationUnavailable(f"require_isolation is set but {self._iso.reason}")
         return self._iso
 
     def verify(self, response: str | None, tests: Any) -> CodeResult:

@@ -192,3 +192,12 @@ def test_rollouts_from_files_through_a_replay_student(tmp_path: Path, hf_engines
     assert extra["teacher_consistency"] == "verified" and extra["tokenizer_check"] == "verified" and extra["rows"] == 4
     out = pl.read_parquet(tmp_path / "out-replay" / "data")
     assert out["generator"].str.starts_with("student-sft").all()
+
+
+def test_top_k_above_the_engines_limit_is_refused(tiny_model_dir: Path) -> None:
+    from tests.fixtures.teacher_engines import tiny_vllm_config
+
+    engines = {"teacher": tiny_vllm_config(tiny_model_dir, max_logprobs=5)}
+    with pytest.raises(RunFailed, match="max_logprobs"):
+        _guard(engines, engine="teacher", top_k=20)
+    assert _guard(engines, engine="teacher", top_k=5)["teacher"]

@@ -348,6 +348,9 @@ class Logprobs(RowStage):
                 "Score with a `vllm` or `transformers` engine on the same checkpoint: its fingerprint then equals the "
                 "SFT teacher's."
             )
+        max_logprobs = getattr(engine.config, "max_logprobs", None)
+        if isinstance(max_logprobs, int) and p.top_k > max_logprobs:
+            _refuse(f"{where}: top_k={p.top_k} is above the engine's max_logprobs={max_logprobs}; raise `max_logprobs` in its config")
         teacher = self.ctx.engine_fingerprint(p.engine)
         info = engine.fingerprint_info()
         guard: dict[str, Any] = {"teacher": teacher, "teacher_tok": info.get("tokenizer_hash") or tok_part(teacher)}
@@ -502,8 +505,8 @@ class Logprobs(RowStage):
         chunk: list[int] = []
         used = 0
         for i in [*todo, None]:
-            n = len(enc[i].token_ids) if i is not None else 0  # type: ignore[union-attr]
-            if chunk and (i is None or used + n > p.max_batch_tokens):
+            size = len(enc[i].token_ids) if i is not None else 0  # type: ignore[union-attr]
+            if chunk and (i is None or used + size > p.max_batch_tokens):
                 res = engine.score([enc[j].token_ids for j in chunk], p.top_k)  # type: ignore[union-attr]
                 if len(res) != len(chunk):
                     raise RuntimeError(f"engine returned {len(res)} scores for {len(chunk)} sequences")
@@ -511,7 +514,7 @@ class Logprobs(RowStage):
                 chunk, used = [], 0
             if i is not None:
                 chunk.append(i)
-                used += n
+                used += size
         return self._frame(batch.get_column(IN_KEY_COL), enc, scores, drops, errors, teacher)
 
     def _frame(self, keys: pl.Series, enc: list[Encoded | None], scores: dict[int, Any], drops: list[str | None],

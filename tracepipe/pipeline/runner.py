@@ -203,6 +203,7 @@ class Runner:
             self.cache = FrameCache(base / "frames", scratch=run_dir / "frames" if plan else None)
             result = RunResult(stats=stats)
             try:
+                stages = self.build_stages()  # fingerprints (and guards) before any data is read
                 t0 = time.perf_counter()
                 parts = source_parts(self.recipe.source, self.recipe.base_dir, self.cache)
                 stats.source_rows = sum(p.rows for p in parts)
@@ -211,7 +212,7 @@ class Runner:
                 quarantine: list[tuple[str, Path]] = []
                 pending = False
                 with Progress(self.progress and not plan, self.console) as prog:
-                    for i, (stage, store, fp) in enumerate(self.build_stages()):
+                    for i, (stage, store, fp) in enumerate(stages):
                         st = StageStats(index=i, name=stage.name, kind=stage.kind, fingerprint=fp, upstream_pending=pending)
                         stats.stages.append(st)
                         t_stage = time.perf_counter()

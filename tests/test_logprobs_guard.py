@@ -118,6 +118,10 @@ def test_runner_refuses_before_running_and_records_the_override(tmp_path: Path, 
     assert saved["stages"][0]["extra"]["teacher_consistency"] == "overridden"
     rows = pl.read_parquet(tmp_path / "out-forced" / "data")
     assert set(rows["teacher"].to_list()) == {extra["logprobs_teacher"]}
+    card = (tmp_path / "out-forced" / "README.md").read_text()
+    assert "teacher consistency with the SFT teacher: **overridden**" in card and "allow_teacher_mismatch: true" in card
+    ok_card = (tmp_path / "out-ok" / "README.md").read_text()
+    assert "teacher consistency with the SFT teacher: **verified**" in ok_card
 
 
 def test_rows_written_by_another_teacher_fail(tmp_path: Path, hf_engines: dict[str, Any]) -> None:

@@ -271,6 +271,10 @@ def summarize(
         "decontamination": [s for s in stages if s["name"] == "decontaminate"],
         "contamination_by_benchmark": contamination_by_benchmark(rejects),
         "compression": [s for s in stages if s["name"] == "compress"],
+        "logprobs": [
+            {k: (s.get("extra") or {}).get(k) for k in ("logprobs_teacher", "teacher_consistency", "allow_teacher_mismatch", "teacher_mismatch_rows")}
+            for s in stages if s["name"] == "logprobs"
+        ],
     }
     return scrub_obj(summary, recipe_secret_env_names(recipe))
 

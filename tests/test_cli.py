@@ -51,3 +51,12 @@ def test_plan_run_status_on_a_small_recipe(tmp_path: Path) -> None:
     st = json.loads(_cli("status", str(recipe), "--json").stdout)
     assert st["last_run"]["ok"] and st["last_run"]["stages"][1]["rows_out"] == 100
     assert _cli("nonsense").returncode == 2
+
+
+def test_every_shipped_recipe_validates() -> None:
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(root.glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"demo.yaml", "vllm-example.yaml", "opd-example.yaml"}
+    for p in recipes:
+        r = _cli("validate", str(p))
+        assert r.returncode == 0, (p, r.stderr)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,6 +171,22 @@ def test_without_bubblewrap_warns_and_falls_back_to_rlimits(monkeypatch):
         r = v.verify(f"```python\n{prog}\n```", tests)
         assert r.verdict == "incorrect" and any(w in r.detail for w in want), (prog, r)
     assert v.verify("```python\nn = int(input())\nprint(sum(map(int, input().split())))\n```", STDIO).verdict == "correct"
+    if os.geteuid() == 0:  # the random uid's processes are all killed after the run, daemons too
+        tag = uuid.uuid4().hex
+        daemon = (f"import os, time\ndef f(x):\n    if os.fork() == 0:\n        os.setsid()\n"
+                  f"        os.execv('/bin/sleep', ['sleep', '60', '{tag}'])\n    time.sleep(0.3)\n    return 0\n")
+        assert v.verify(f"```python\n{daemon}\n```", tests).verdict == "incorrect"
+        time.sleep(0.5)
+        alive = [d for d in os.listdir("/proc") if d.isdigit() and tag.encode() in _cmdline(d)]
+        assert not alive
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
 
 
 def test_require_isolation_refuses_without_bubblewrap():

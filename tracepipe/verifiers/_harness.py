@@ -312,7 +312,10 @@ def _run_case(argv, inp, wall_s, max_out, lim):
     except subprocess.TimeoutExpired:
         pass
     if status is None:
-        status = "ok" if rc == 0 else ("runtime error" if rc and rc > 0 else f"killed by signal {-rc}")
+        if rc == -signal.SIGXCPU:
+            status = "timeout"  # the CPU limit, the same verdict as the wall clock
+        else:
+            status = "ok" if rc == 0 else ("runtime error" if rc and rc > 0 else f"killed by signal {-rc}")
     return {"status": status, "rc": rc, "out": out[: max_out].decode("utf-8", "replace"), "err": err[-2000:].decode("utf-8", "replace")}
 
 

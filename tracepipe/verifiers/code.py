@@ -343,9 +343,12 @@ def kill_uid(uid: int) -> int:
                 continue
             try:
                 with open(f"/proc/{d}/status") as fh:
+                    zombie = False
                     for line in fh:
-                        if line.startswith("Uid:"):
-                            if int(line.split()[1]) == uid:
+                        if line.startswith("State:"):
+                            zombie = line.split()[1] in ("Z", "X")
+                        elif line.startswith("Uid:"):
+                            if int(line.split()[1]) == uid and not zombie:
                                 os.kill(int(d), signal.SIGKILL)
                                 found += 1
                             break
@@ -450,8 +453,6 @@ def _spawn(
             os.killpg(p.pid, signal.SIGKILL)
         except OSError:
             pass
-        if uid is not None and not iso.bwrap:  # bwrap: the PID namespace dies with its init
-            kill_uid(uid)
         try:
             run.rc = p.wait(5)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL'd

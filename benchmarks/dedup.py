@@ -18,14 +18,22 @@ Printed as JSON, each measurement in its own subprocess (wall time, peak RSS):
   plus planted variants: tracepipe's decision (FAISS + components, through the runner) vs a
   plain numpy all-pairs baseline and, when ``--distilabel-python`` points at an interpreter with
   distilabel, distilabel's ``FaissNearestNeighbour`` + ``EmbeddingDedup`` on the same vectors;
-- ``semantic_scale``: search time and peak RSS at ``--rows`` vectors. Embedding 100k texts on
-  2 shared CPU cores does not fit a session, so these vectors are *synthetic*: the real
-  embedding of each row's original problem plus Gaussian noise whose size gives the mean cosine
-  measured per kind on the real subset. Timings are real; precision / recall there reflect the
-  noise model only, and are reported as agreement with the numpy baseline.
+- ``index_sweep``: flat vs IVF range-search time by set size, and IVF's share of the exact pairs
+  (this sets the dedup stage's ``flat_max``);
+- ``semantic_scale``: the comparison at ``--rows`` vectors when embedding every row does not fit
+  the time at hand: *synthetic* vectors, the real embedding of each row's original problem plus
+  Gaussian noise whose size gives the mean cosine measured per kind on the real subset. Timings
+  are real; precision / recall reflect the noise model only;
+- ``embed_all`` + ``semantic_scale_real`` (opt-in with ``--only``): the embed stage over every
+  row (identical texts are embedded once; resumable, cached in ``--workdir``), then the same
+  comparison on those real vectors.
 
     python benchmarks/dedup.py [--rows 100000] [--subset 1500] [--embed-sample 500]
-        [--distilabel-python /path/to/venv/bin/python]
+        [--distilabel-python /path/to/venv/bin/python] [--only embed_all semantic_scale_real]
+
+distilabel is not a tracepipe dependency (installing it here would upgrade orjson): run it from
+its own virtual environment (``python -m venv --system-site-packages V && V/bin/pip install
+distilabel``) and pass ``--distilabel-python V/bin/python``; without it only the numpy peer runs.
 """
 
 from __future__ import annotations

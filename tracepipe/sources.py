@@ -22,6 +22,7 @@ import xxhash
 
 from tracepipe.pipeline.frames import digest_of
 from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
+from tracepipe.verifiers.math import last_boxed  # one extractor for gold and predicted answers
 
 CANONICAL = ("id", "problem", "answer", "tests", "domain", "source")
 
@@ -37,28 +38,6 @@ def normalize_text(text: str | None) -> str:
     if text is None:
         return ""
     return _WS.sub(" ", text.lower()).strip()
-
-
-def last_boxed(text: str | None) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces."""
-    if not text:
-        return None
-    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
-        return None
-    i = text.find("{", idx)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        ch = text[j]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
 
 
 def gsm8k_answer(text: str | None) -> str | None:

@@ -212,3 +212,27 @@ def render_chat(tok: Any, messages: list[dict[str, str]], chat_template_kwargs: 
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return text, list(ids)
+
+
+class CheckpointIdentity:
+    """``fingerprint_info`` / ``fingerprint`` shared by engines that load a checkpoint
+    (vllm, transformers): pinned ``fingerprint:`` or :func:`model_fingerprint`, computed once."""
+
+    config: Any
+    _fp: dict[str, Any] | None
+    _base_dir: Path | None
+
+    def fingerprint_info(self) -> dict[str, Any]:
+        if self._fp is None:
+            c = self.config
+            if c.fingerprint:
+                self._fp = {"fingerprint": c.fingerprint, "model": c.model, "pinned": True}
+            else:
+                self._fp = model_fingerprint(
+                    c.model, revision=c.revision, tokenizer=c.tokenizer, chat_template=c.chat_template,
+                    chat_template_kwargs=c.chat_template_kwargs or None, base_dir=self._base_dir,
+                )
+        return dict(self._fp)
+
+    def fingerprint(self) -> str:
+        return str(self.fingerprint_info()["fingerprint"])

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import Field
 
 from tracepipe.engines import register_engine
-from tracepipe.engines._hf import load_tokenizer, model_fingerprint, render_chat, resolve_local
+from tracepipe.engines._hf import CheckpointIdentity, load_tokenizer, render_chat, resolve_local
 from tracepipe.engines.base import Completion, Engine, EngineConfig, GenerationRequest, ScoreResult
 
 
@@ -43,7 +43,7 @@ class TransformersConfig(EngineConfig):
 
 
 @register_engine("transformers", TransformersConfig)
-class TransformersEngine(Engine):
+class TransformersEngine(CheckpointIdentity, Engine):
     config: TransformersConfig
 
     def __init__(self, config: EngineConfig, ctx: Any = None) -> None:
@@ -60,21 +60,6 @@ class TransformersEngine(Engine):
     def _path(self, name: str) -> str:
         local = resolve_local(name, self._base_dir)
         return str(local) if local else name
-
-    def fingerprint_info(self) -> dict[str, Any]:
-        if self._fp is None:
-            c = self.config
-            if c.fingerprint:
-                self._fp = {"fingerprint": c.fingerprint, "model": c.model, "pinned": True}
-            else:
-                self._fp = model_fingerprint(
-                    c.model, revision=c.revision, tokenizer=c.tokenizer, chat_template=c.chat_template,
-                    chat_template_kwargs=c.chat_template_kwargs or None, base_dir=self._base_dir,
-                )
-        return dict(self._fp)
-
-    def fingerprint(self) -> str:
-        return str(self.fingerprint_info()["fingerprint"])
 
     def tokenizer(self) -> Any:
         if self._tok is None:

@@ -49,7 +49,7 @@ from typing import Any
 from pydantic import Field
 
 from tracepipe.engines import register_engine
-from tracepipe.engines._hf import load_tokenizer, model_fingerprint, render_chat, resolve_local
+from tracepipe.engines._hf import CheckpointIdentity, load_tokenizer, render_chat, resolve_local
 from tracepipe.engines.base import Completion, Engine, EngineConfig, GenerationRequest, ScoreResult
 
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -88,7 +88,7 @@ _SHARED_LOCK = threading.Lock()
 
 
 @register_engine("vllm", VllmConfig)
-class VllmEngine(Engine):
+class VllmEngine(CheckpointIdentity, Engine):
     config: VllmConfig
 
     def __init__(self, config: EngineConfig, ctx: Any = None) -> None:
@@ -109,23 +109,7 @@ class VllmEngine(Engine):
         local = resolve_local(name, self._base_dir)
         return str(local) if local else name
 
-    # -- identity ------------------------------------------------------------------------------
-    def fingerprint_info(self) -> dict[str, Any]:
-        if self._fp is None:
-            c = self.config
-            if c.fingerprint:
-                self._fp = {"fingerprint": c.fingerprint, "model": c.model, "pinned": True}
-            else:
-                self._fp = model_fingerprint(
-                    c.model, revision=c.revision, tokenizer=c.tokenizer, chat_template=c.chat_template,
-                    chat_template_kwargs=c.chat_template_kwargs or None, base_dir=self._base_dir,
-                )
-        return dict(self._fp)
-
-    def fingerprint(self) -> str:
-        return str(self.fingerprint_info()["fingerprint"])
-
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- lifecycle (identity: CheckpointIdentity) ------------------------------------------------- -----------------------------------------------------------------------------
     def _load_args(self) -> dict[str, Any]:
         c = self.config
         args: dict[str, Any] = {

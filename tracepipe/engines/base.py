@@ -97,6 +97,11 @@ class Engine(ABC):
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoreResult]:
         raise NotImplementedError(f"engine kind {self.kind!r} cannot score token ids")
 
+    def row_columns(self) -> list[str]:
+        """Columns of the source row this engine reads (a replay engine's trace column); they
+        become part of the row key of the stages that use it. Model engines read none."""
+        return []
+
     def tokenizer(self) -> Any:
         raise NotImplementedError(f"engine kind {self.kind!r} exposes no tokenizer")
 

@@ -103,6 +103,12 @@ class StageContext:
             raise KeyError(f"engine {name!r} is not defined in the recipe's `engines` (have: {sorted(self.engines)})")
         return engine_fingerprint(self.engines[name], self)
 
+    def engine_row_columns(self, name: str | None) -> list[str]:
+        """Row columns an engine reads (e.g. a replay engine's column): part of the row key."""
+        if not name or name not in self.engines:
+            return []
+        return list(self.engine(name).row_columns())
+
     def resolve_path(self, p: str | Path) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else (self.recipe_dir / path)

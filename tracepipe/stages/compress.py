@@ -244,14 +244,9 @@ class Compress(RowStage):
         return state
 
     # -- declarations -----------------------------------------------------------------------
-    def _engine_config(self) -> Any:
-        return self.ctx.engines.get(self.params.engine) if self.params.engine else None
-
     def input_columns(self) -> list[str]:
         cols = list(self.reads)
-        cfg = self._engine_config()
-        if cfg is not None and getattr(cfg, "kind", None) == "replay":
-            cols += [c for c in self.ctx.engine(self.params.engine).row_columns() if c not in cols]  # type: ignore[arg-type,attr-defined]
+        cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
     def output_columns(self) -> list[str]:

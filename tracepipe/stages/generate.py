@@ -137,9 +137,7 @@ class Generate(RowStage):
 
     def input_columns(self) -> list[str]:
         cols = list(self.reads)
-        cfg = self._engine_config()
-        if cfg is not None and getattr(cfg, "kind", None) == "replay":
-            cols += [c for c in self.ctx.engine(self.params.engine).row_columns() if c not in cols]  # type: ignore[attr-defined]
+        cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
     def fingerprint_extra(self) -> dict[str, Any]:

@@ -97,9 +97,7 @@ class StudentRollouts(RowStage):
 
     def input_columns(self) -> list[str]:
         cols = list(self.reads)
-        cfg = self.ctx.engines.get(self.params.engine)
-        if cfg is not None and getattr(cfg, "kind", None) == "replay":
-            cols += [c for c in self.ctx.engine(self.params.engine).row_columns() if c not in cols]  # type: ignore[attr-defined]
+        cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
     def fingerprint_extra(self) -> dict[str, Any]:

@@ -97,3 +97,26 @@ class Reverifier:
             self._math.close()
             self._math = None
         self._code = None
+
+
+class EngineReverifierLifecycle:
+    """``setup`` / ``teardown`` of row stages that call ``params.engine`` and re-verify what it
+    wrote (compress, student_rollouts): start the engine, hold one :class:`Reverifier`."""
+
+    params: Any
+    ctx: Any
+    _rv: Reverifier | None = None
+
+    def reverifier(self) -> Reverifier:
+        if self._rv is None:
+            self._rv = Reverifier(math_timeout_s=self.params.math_timeout_s, math_workers=self.params.verify_workers)
+        return self._rv
+
+    def setup(self) -> None:
+        self.ctx.engine(self.params.engine).ensure_started()
+        self.reverifier()
+
+    def teardown(self) -> None:
+        if self._rv is not None:
+            self._rv.close()
+            self._rv = None

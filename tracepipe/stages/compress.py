@@ -79,7 +79,7 @@ from pydantic import Field, field_validator, model_validator
 from tracepipe.engines.base import GenerationRequest, SamplingParams
 from tracepipe.pipeline.keys import IN_KEY_COL, fingerprint, seed_for
 from tracepipe.stages import register
-from tracepipe.stages._reverify import Item, Reverifier, is_code
+from tracepipe.stages._reverify import EngineReverifierLifecycle, Item, is_code
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 from tracepipe.verifiers.format import FormatConfig, check_format
 
@@ -212,7 +212,7 @@ def has_answer(response: str | None, domain: str | None, tests: Any) -> bool:
 
 
 @register("compress")
-class Compress(RowStage):
+class Compress(EngineReverifierLifecycle, RowStage):
     """Difficulty-aware rewriting of traces (re-verified), or the shortest correct sample."""
 
     version: ClassVar[str] = "1"
@@ -233,7 +233,6 @@ class Compress(RowStage):
 
     def __init__(self, params: CompressParams, ctx: Any = None) -> None:
         super().__init__(params, ctx)
-        self._rv: Reverifier | None = None
         self._tok: Any = None
         self._tok_loaded = False
         self._fmt = FormatConfig(think_open=params.think_tags[0], think_close=params.think_tags[1])
@@ -311,16 +310,6 @@ class Compress(RowStage):
             msgs.append({"role": "system", "content": p.system_prompt})
         msgs.append({"role": "user", "content": fill_template(p.prompt_template, values)})
         return msgs
-
-    # -- lifecycle --------------------------------------------------------------------------
-    def setup(self) -> None:
-        self.ctx.engine(self.params.engine).ensure_started()  # type: ignore[arg-type]
-        self._rv = Reverifier(math_timeout_s=self.params.math_timeout_s, math_workers=self.params.verify_workers)
-
-    def teardown(self) -> None:
-        if self._rv is not None:
-            self._rv.close()
-            self._rv = None
 
     def process(self, batch: pl.DataFrame) -> pl.DataFrame:
         p = self.params
@@ -401,9 +390,7 @@ class Compress(RowStage):
     def _verify(self, checks: list[tuple[int, Item, Any]], recs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
         if not checks:
             return
-        if self._rv is None:
-            self._rv = Reverifier(math_timeout_s=self.params.math_timeout_s, math_workers=self.params.verify_workers)
-        outcomes = self._rv.check([it for _, it, _ in checks])
+        outcomes = self.reverifier().check([it for _, it, _ in checks])
         # no gold answer: the rewrite must give the original's answer (math-verify equality)
         again: list[tuple[int, Item, Any]] = []
         for (j, it, texts), o in zip(checks, outcomes):
@@ -417,7 +404,7 @@ class Compress(RowStage):
                     continue
             self._settle(recs[j], o.verdict, code, texts)
         if again:
-            for (j, _it, texts), o in zip(again, self._rv.check([x for _, x, _ in again])):
+            for (j, _it, texts), o in zip(again, self.reverifier().check([x for _, x, _ in again])):
                 self._settle(recs[j], o.verdict, False, texts)
 
     def _settle(self, rec: dict[str, Any], verdict: str, code: bool, texts: tuple[str, str]) -> None:

@@ -38,7 +38,7 @@ from pydantic import Field
 from tracepipe.engines.base import GenerationRequest, SamplingParams
 from tracepipe.pipeline.keys import IN_KEY_COL, seed_for
 from tracepipe.stages import register
-from tracepipe.stages._reverify import Item, Reverifier
+from tracepipe.stages._reverify import EngineReverifierLifecycle, Item
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 DEFAULT_USER_TEMPLATES: dict[str, str] = {  # the generate stage's defaults (the same prompts)
@@ -77,7 +77,7 @@ def answer_part(text: str | None, reasoning: str | None, finish_reason: str, clo
 
 
 @register("student_rollouts")
-class StudentRollouts(RowStage):
+class StudentRollouts(EngineReverifierLifecycle, RowStage):
     """k verified samples of the student per problem: its pass rate, for teachable-problem selection."""
 
     version: ClassVar[str] = "1"
@@ -85,10 +85,6 @@ class StudentRollouts(RowStage):
     reads: ClassVar[tuple[str, ...]] = ("problem", "domain", "answer", "tests")
     adds: ClassVar[tuple[str, ...]] = ("student_correct", "student_judged", "student_verdicts", "student")
     params: StudentRolloutsParams
-
-    def __init__(self, params: StudentRolloutsParams, ctx: Any = None) -> None:
-        super().__init__(params, ctx)
-        self._rv: Reverifier | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -114,16 +110,6 @@ class StudentRollouts(RowStage):
         msgs = [{"role": "system", "content": p.system_prompt}] if p.system_prompt else []
         return msgs + [{"role": "user", "content": user.replace("{problem}", problem)}]
 
-    def setup(self) -> None:
-        engine = self.ctx.engine(self.params.engine)
-        engine.ensure_started()
-        self._rv = Reverifier(math_timeout_s=self.params.math_timeout_s, math_workers=self.params.verify_workers)
-
-    def teardown(self) -> None:
-        if self._rv is not None:
-            self._rv.close()
-            self._rv = None
-
     def process(self, batch: pl.DataFrame) -> pl.DataFrame:
         p = self.params
         engine = self.ctx.engine(p.engine)
@@ -146,9 +132,7 @@ class StudentRollouts(RowStage):
             c = res[0] if res else None
             text = None if c is None else answer_part(c.text, c.reasoning, c.finish_reason, p.think_tags[1])
             items.append(Item(text, r.get("domain"), r.get("answer"), r.get("tests")))
-        if self._rv is None:
-            self._rv = Reverifier(math_timeout_s=p.math_timeout_s, math_workers=p.verify_workers)
-        verdicts = [o.verdict for o in self._rv.check(items)]
+        verdicts = [o.verdict for o in self.reverifier().check(items)]
         per = [verdicts[i * p.k:(i + 1) * p.k] for i in range(len(rows))]
         return pl.DataFrame(
             {

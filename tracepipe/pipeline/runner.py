@@ -129,7 +129,8 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
         fh.close()
 
 
-def _with_order(lf: pl.LazyFrame, schema: pl.Schema) -> list[str]:
+def _data_then_runtime(schema: pl.Schema) -> list[str]:
+    """Column order of every frame part: data columns, then ``_key`` / ``_parent``."""
     cols = [c for c in schema if c not in RUNTIME_COLS and c != ORDER_COL]
     return cols + [c for c in RUNTIME_COLS if c in schema]
 
@@ -429,7 +430,7 @@ class Runner:
                 pl.concat_str([pl.col(KEY_COL), pl.lit(f"/{stage.name}:"), pl.col(IDX_COL).cast(pl.String)]).alias(KEY_COL),
             )
         kept = joined.filter(pl.col(DROP_COL).is_null()).drop(IN_KEY_COL, IDX_COL, DROP_COL)
-        kept = kept.select(_with_order(kept.lazy(), kept.schema))
+        kept = kept.select(_data_then_runtime(kept.schema))
         dropped = joined.filter(pl.col(DROP_COL).is_not_null()).drop(IN_KEY_COL, IDX_COL).rename({DROP_COL: "_reason"}).with_columns(
             pl.lit(stage.name).alias("_stage")
         )
@@ -505,7 +506,7 @@ class Runner:
             drops = dict(dropped.group_by("_reason").len().iter_rows()) if dropped.height else {}
             if dropped.height:
                 rej.append(self.cache.put(d + "-rej", dropped, {"dropped": drops}))
-            part = self.cache.put(d, kept.select(_with_order(kept.lazy(), kept.schema)), {"dropped": drops})
+            part = self.cache.put(d, kept.select(_data_then_runtime(kept.schema)), {"dropped": drops})
             if part.rows:
                 out.append(part)
         return out, rej

@@ -291,25 +291,55 @@ SOURCE_VERSION = "1"
 CHUNK_BYTES = 4 << 20  # JSONL is cut into ~4 MiB chunks at line ends: appends touch only the tail
 
 
-def _jsonl_chunks(path: str) -> Iterator[bytes]:
-    """Chunks ending at a newline; a boundary depends only on the bytes before it."""
-    buf = b""
+def _jsonl_ranges(path: str, known: list[list[Any]] | None) -> Iterator[tuple[int, int, str]]:
+    """``(start, end, xxh3)`` byte ranges of a JSONL file, each ending at a line end.
+
+    Ranges the previous run recorded (``known``) are kept while their bytes still match, so
+    appending lines to a file leaves every earlier chunk, the old last one included, as it was:
+    the new lines become new chunks and only they are parsed. The rest is cut into
+    ~``CHUNK_BYTES`` pieces at the last newline inside each window.
+    """
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            pos = 0
+            for start, end, digest in known or []:
+                if start != pos or end > size or mm[end - 1] != 0x0A:
+                    break
+                if xxhash.xxh3_128_hexdigest(view[start:end]) != digest:
+                    break
+                yield start, end, digest
+                pos = end
+            while pos < size:
+                if size - pos <= CHUNK_BYTES:
+                    end = size
+                else:
+                    cut = mm.rfind(b"\n", pos, pos + CHUNK_BYTES)
+                    if cut < 0:  # a line longer than a chunk: cut after it
+                        cut = mm.find(b"\n", pos + CHUNK_BYTES)
+                    end = size if cut < 0 else cut + 1
+                yield pos, end, xxhash.xxh3_128_hexdigest(view[pos:end])
+                pos = end
+        finally:
+            view.release()
+
+
+def _read_range(path: str, start: int, end: int) -> bytes:
     with open(path, "rb") as fh:
-        while True:
-            block = fh.read(CHUNK_BYTES)
-            if not block:
-                if buf.strip():
-                    yield buf
-                return
-            buf += block
-            cut = buf.rfind(b"\n")
-            if cut >= 0:
-                yield buf[: cut + 1]
-                buf = buf[cut + 1 :]
+        fh.seek(start)
+        return fh.read(end - start)
 
 
-def _spec_chunks(spec: Any, base: Path, index: int) -> Iterator[tuple[str, Any]]:
-    """(content digest, loader) per chunk of one source entry; loaders run only on cache misses."""
+def _spec_chunks(spec: Any, base: Path, index: int, cache: Any = None) -> Iterator[tuple[str, Any]]:
+    """(content digest, loader) per chunk of one source entry; loaders run only on cache misses.
+
+    With a frame ``cache``, each JSONL file's chunk boundaries are recorded in it and reused by
+    the next run (see :func:`_jsonl_ranges`)."""
     spec_fp = digest_of(SOURCE_VERSION, spec.model_dump(mode="json"))
     where = f"source[{index}]"
     if spec.hf:
@@ -335,11 +365,17 @@ def _spec_chunks(spec: Any, base: Path, index: int) -> Iterator[tuple[str, Any]]
         raise SourceError(f"{where}.path: no such file: {spec.path} (looked for {missing[0] if missing else pattern})")
     for path in paths:
         if path.endswith((".jsonl", ".json", ".ndjson")):
-            for chunk in _jsonl_chunks(path):
+            index_name = f"jsonl-index-{digest_of(spec_fp, os.path.abspath(path))}"
+            known = (cache.get_meta(index_name) or {}).get("chunks") if cache is not None else None
+            ranges = []
+            for start, end, xxh in _jsonl_ranges(path, known):
+                ranges.append([start, end, xxh])
                 yield (
-                    digest_of(spec_fp, "jsonl", xxhash.xxh3_128_hexdigest(chunk)),
-                    (lambda c=chunk: pl.read_ndjson(io.BytesIO(c), infer_schema_length=None)),
+                    digest_of(spec_fp, "jsonl", xxh),
+                    (lambda p=path, a=start, b=end: pl.read_ndjson(io.BytesIO(_read_range(p, a, b)), infer_schema_length=None)),
                 )
+            if cache is not None:
+                cache.put_meta(index_name, {"path": os.path.abspath(path), "chunks": ranges})
         elif path.endswith(".parquet"):
             st = os.stat(path)
             pf = pq.ParquetFile(path)
@@ -372,7 +408,7 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
         where = f"source[{i}]"
         label = _spec_label(spec, base)
         remaining = spec.limit
-        for digest, load in _spec_chunks(spec, base, i):
+        for digest, load in _spec_chunks(spec, base, i, cache):
             if remaining is not None and remaining <= 0:
                 break
             if remaining is not None:

@@ -37,6 +37,18 @@ def digest_of(*items: Any) -> str:
     return fingerprint(list(items), length=32)
 
 
+def frame_digest(df: pl.DataFrame) -> str:
+    """Digest of a frame's content (schema, values, row order), independent of its chunking.
+
+    Uses polars' seeded row hash (vectorized; stable within a polars release, so the version is
+    part of the digest), then xxh3 over the per-row hashes.
+    """
+    import xxhash
+
+    rows = df.hash_rows(seed=0).to_numpy().tobytes() if df.height else b""
+    return digest_of(pl.__version__, [(n, str(t)) for n, t in df.schema.items()], df.height, xxhash.xxh3_128_hexdigest(rows))
+
+
 class FrameCache:
     """``<workdir>/frames/<digest>.parquet`` + ``.json`` sidecars; ``dry`` writes to a temp dir."""
 
@@ -82,6 +94,25 @@ class FrameCache:
         os.replace(side_tmp, d / f"{digest}.json")
         self.used.add(digest)
         return Part(path, digest, rows, m)
+
+    def get_meta(self, name: str) -> dict[str, Any] | None:
+        """A small JSON record kept with the cache (``<name>.json``, no Parquet file)."""
+        for d in (self.scratch, self.root):
+            if d is not None and (d / f"{name}.json").exists():
+                self.used.add(name)
+                try:
+                    return dict(json.loads((d / f"{name}.json").read_text()))
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    def put_meta(self, name: str, data: dict[str, Any]) -> None:
+        d = self.scratch if self.scratch is not None else self.root
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".tmp-{uuid.uuid4().hex}.json"
+        tmp.write_text(json.dumps(data, default=str))
+        os.replace(tmp, d / f"{name}.json")
+        self.used.add(name)
 
     def gc(self, keep: set[str]) -> int:
         """Delete parts not in ``keep`` (and orphan temp files); returns files removed."""

@@ -21,7 +21,6 @@ nothing is silently lost. ``plan`` does the same walk without processing or cach
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import shutil
 import tempfile
@@ -38,14 +37,13 @@ import pyarrow.parquet as pq
 
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
-from tracepipe.pipeline.frames import FrameCache, Part, digest_of, scan_parts
+from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, scan_parts
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
     KEY_COL,
     ORDER_COL,
     PARENT_COL,
     fingerprint,
-    hash_text,
     row_keys,
 )
 from tracepipe.pipeline.stats import RunStats, StageStats
@@ -311,13 +309,11 @@ class Runner:
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
-            stored = store.keys()
-            missing = all_keys.filter(~pl.col(IN_KEY_COL).is_in(pl.Series(list(stored), dtype=pl.String).implode()))
+            missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
             st.keys = all_keys.height
             st.to_compute = missing.height
             miss = missing[IN_KEY_COL].implode()
             st.cached += sum(int((~keys[j][IN_KEY_COL].is_in(miss)).sum()) for j in todo)
-            del stored
             if missing.height and not plan:
                 errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             st.error_keys = errors.height
@@ -444,6 +440,23 @@ class Runner:
         return out, rej_part, quar
 
     # -- set stages ----------------------------------------------------------------------------
+    def _set_input(self, stage: SetStage, fp: str, part: Part, present: list[str]) -> pl.DataFrame:
+        """``_key`` + what ``decide`` reads for one part: the input columns, or their prepared
+        form (cached per part, so a rerun prepares only parts it has not seen)."""
+        if not stage.prepares():
+            return pl.read_parquet(part.path, columns=[KEY_COL, *present])
+        d = digest_of(RUNNER_VERSION, "prep", part.digest, fp, pl.__version__)
+        cached = self.cache.get(d)
+        if cached is not None:
+            return pl.read_parquet(cached.path)
+        raw = pl.read_parquet(part.path, columns=[KEY_COL, *present])
+        prepared = stage.prepare(raw.drop(KEY_COL))
+        if prepared.height != raw.height:
+            raise RunFailed(f"stage {stage.name!r}: prepare() returned {prepared.height} rows for {raw.height}")
+        out = pl.concat([raw.select(KEY_COL), prepared], how="horizontal")
+        self.cache.put(d, out)
+        return out
+
     def _set_stage(
         self, stage: SetStage, store: StageStore, fp: str, parts: list[Part], st: StageStats, plan: bool,
     ) -> tuple[list[Part], list[Part]]:
@@ -451,17 +464,12 @@ class Runner:
             return [], []
         schema = scan_parts(parts).collect_schema()
         present = [c for c in stage.input_columns() if c in schema]
-        frames = []
-        for j, p in enumerate(parts):
-            frames.append(pl.read_parquet(p.path, columns=[KEY_COL, *present]).with_columns(pl.lit(j, dtype=pl.Int32).alias("_part")))
+        frames = [self._set_input(stage, fp, p, present).with_columns(pl.lit(j, dtype=pl.Int32).alias("_part")) for j, p in enumerate(parts)]
         df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
         del frames
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
         st.rows_in = st.keys = df.height
-        buf = io.BytesIO()
-        df.drop("_part").write_ipc(buf, compression="uncompressed")
-        digest = hash_text(buf.getvalue())
-        del buf
+        digest = frame_digest(df.drop("_part"))
         decision = store.load_decision(digest)
         if decision is None:
             st.to_compute = df.height
@@ -488,9 +496,7 @@ class Runner:
         rej: list[Part] = []
         for j, p in enumerate(parts):
             sub = full.filter(pl.col("_part") == j).drop("_part")
-            buf = io.BytesIO()
-            sub.write_ipc(buf, compression="uncompressed")
-            d = digest_of(RUNNER_VERSION, "set", p.digest, fp, hash_text(buf.getvalue()))
+            d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             cached = self.cache.get(d)
             if cached is not None:
                 if cached.rows:

@@ -206,6 +206,20 @@ class SetStage(Stage):
 
     kind: ClassVar[Literal["row", "set"]] = "set"
 
+    def prepares(self) -> bool:
+        """Whether :meth:`prepare` reduces the input columns (the runner then caches it per part)."""
+        return False
+
+    def prepare(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Row-local, deterministic reduction of the input columns (same rows, same order).
+
+        Gets the columns of :meth:`input_columns` the rows have; returns what :meth:`decide`
+        needs (a text hash instead of the text, say). The runner caches the result per frame
+        part, so a rerun after an append prepares only the new part and ``decide`` reads compact
+        columns. The default keeps the columns as they are.
+        """
+        return df
+
     @abstractmethod
     def decide(self, df: pl.DataFrame) -> pl.DataFrame: ...
 

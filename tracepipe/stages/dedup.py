@@ -51,6 +51,10 @@ from tracepipe.stages.base import DROP_COL, SetStage, StageParams
 
 DUP_OF = "_dup_of"
 DUP_SCORE = "_dup_score"
+#: ``exact`` prepares each part into two 64-bit hashes of the normalized text (a 128-bit
+#: fingerprint) and, for ``keep: shortest/longest``, the text length
+NORM_HASH = ("_norm_h1", "_norm_h2")
+TEXT_LEN = "_text_len"
 VERDICT_RANK = {"correct": 0, "unverifiable": 1, "incorrect": 2, "error": 3}
 DEFAULT_THRESHOLD = {"minhash": 0.7, "semantic": 0.95}
 METHOD_VERSION = {"exact": "1", "minhash": "1", "semantic": "1"}
@@ -136,17 +140,44 @@ class Dedup(SetStage):
         return dict(self._last)
 
     # -- decision ----------------------------------------------------------------------------
-    def decide(self, df: pl.DataFrame) -> pl.DataFrame:
+    def _check_columns(self, df: pl.DataFrame) -> None:
         p = self.params
         for col in self.input_columns():
             if col not in df.columns:
                 hint = " (add `- embed: {field: ...}` before this stage)" if col == p.embedding else ""
                 raise ValueError(f"dedup ({p.method}) needs column {col!r}, which the rows do not have{hint}")
+
+    def prepares(self) -> bool:
+        return self.params.method == "exact"
+
+    def prepare(self, df: pl.DataFrame) -> pl.DataFrame:
+        """``exact``: the normalized text's 128-bit hash (two seeded 64-bit halves) instead of the
+        text, so the decision reads 16 bytes a row and a rerun hashes only new parts."""
+        if not self.prepares():
+            return df
+        self._check_columns(df)
+        p = self.params
+        norm = normalized(p.field, p.ignore_punctuation)
+        cols = [norm.hash(seed=0x7A1).alias(NORM_HASH[0]), norm.hash(seed=0x3C5).alias(NORM_HASH[1])]
+        if p.keep in ("shortest", "longest"):
+            cols.append(pl.col(p.field).cast(pl.String).str.len_chars().fill_null(0).alias(TEXT_LEN))
+        if p.keep == "best-verdict":
+            cols.append(pl.col("verdict"))
+        return df.select(cols)
+
+    def decide(self, df: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        if p.method == "exact" and not all(c in df.columns for c in NORM_HASH):
+            df = pl.concat([df.select(KEY_COL, ORDER_COL), self.prepare(df)], how="horizontal")
+        elif p.method != "exact":
+            self._check_columns(df)
         df = df.sort(ORDER_COL)
         t0 = time.perf_counter()
         if p.method == "exact":
-            norm = df.select(normalized(p.field, p.ignore_punctuation).alias("_n"))["_n"]
-            labels = norm.rank("dense").cast(pl.Int64).to_numpy() if df.height else np.zeros(0, dtype=np.int64)
+            labels = (
+                df.select(pl.struct(*NORM_HASH).rank("dense")).to_series().cast(pl.Int64).to_numpy()
+                if df.height else np.zeros(0, dtype=np.int64)
+            )
             out = self._keep(df, labels, None)
             return out.drop(DUP_SCORE)
         if p.method == "minhash":
@@ -229,7 +260,8 @@ class Dedup(SetStage):
         n = df.height
         rank = np.zeros(n, dtype=np.int64)
         if p.keep in ("shortest", "longest"):
-            lens = df[p.field].cast(pl.String).str.len_chars().fill_null(0).to_numpy().astype(np.int64)
+            lens_col = df[TEXT_LEN] if TEXT_LEN in df.columns else df[p.field].cast(pl.String).str.len_chars().fill_null(0)
+            lens = lens_col.to_numpy().astype(np.int64)
             rank = lens if p.keep == "shortest" else -lens
         elif p.keep == "best-verdict":
             if "verdict" not in df.columns:

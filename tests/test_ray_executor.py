@@ -70,15 +70,15 @@ executor: {{kind: {executor}, options: {{num_cpus: 2, object_store_memory: 200MB
 @pytest.fixture
 def capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, pl.DataFrame]:
     """Final rows of each run, taken where the runner hands them to the output writer."""
-    import tracepipe.outputs._writer as writer
+    import tracepipe.pipeline.runner as runner
 
     seen: dict[str, pl.DataFrame] = {}
 
-    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None) -> dict[str, Any]:
+    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None, parts: Any = None) -> dict[str, Any]:
         seen["rows"] = final.collect()
         return {"format": spec.format, "path": spec.path, "files": [], "rows": {}}
 
-    monkeypatch.setattr(writer, "write_output", fake_write)
+    monkeypatch.setattr(runner, "write_output", fake_write)
     return seen
 
 

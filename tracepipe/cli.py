@@ -129,11 +129,15 @@ def status(
         info["last_run"] = json.loads(stats_file.read_text())
     for kind in ("rejects", "quarantine"):
         d = wd / kind
-        if d.exists():
-            for f in sorted(d.glob("*.parquet")):
-                col = "_reason" if kind == "rejects" else "_error"
-                df = pl.read_parquet(f, columns=[col])
-                info[kind][f.stem] = {"rows": df.height, "by_reason": dict(df[col].value_counts(sort=True).head(10).iter_rows())}
+        col = "_reason" if kind == "rejects" else "_error"
+        groups: dict[str, list[str]] = {}
+        for f in sorted(d.glob("*.parquet")) if d.exists() else []:
+            # rejects come one file per frame part: <NNN>-<stage>-<k>.parquet
+            tag, _, k = f.stem.rpartition("-")
+            groups.setdefault(tag if kind == "rejects" and k.isdigit() and tag else f.stem, []).append(str(f))
+        for tag, paths in groups.items():
+            df = pl.concat([pl.read_parquet(p, columns=[col]) for p in paths], how="vertical_relaxed")
+            info[kind][tag] = {"rows": df.height, "by_reason": dict(df[col].value_counts(sort=True).head(10).iter_rows())}
     if as_json:
         out.print_json(json.dumps(info, default=str))
         return
@@ -145,7 +149,7 @@ def status(
         out.print(_stage_table(lr, plan=False))
     for kind in ("rejects", "quarantine"):
         for name, d in info[kind].items():
-            out.print(f"{kind}/{name}.parquet: {d['rows']} rows  {d['by_reason']}", markup=False)
+            out.print(f"{kind}/{name}{'-*' if kind == 'rejects' else ''}.parquet: {d['rows']} rows  {d['by_reason']}", markup=False)
 
 
 @app.command()

@@ -17,15 +17,27 @@ import polars as pl
 FormatFn = Callable[[pl.LazyFrame, dict[str, Any]], pl.LazyFrame]
 
 _FORMATS: dict[str, FormatFn] = {}
+_ROW_LOCAL: set[str] = set()
 _LOADED = False
 
 
-def register_format(name: str) -> Callable[[FormatFn], FormatFn]:
+def register_format(name: str, row_local: bool = False) -> Callable[[FormatFn], FormatFn]:
+    """Register a format. ``row_local``: each output row depends only on its own input row
+    (and the input schema), so the rows of appended input can be formatted on their own and
+    written as new shards after the old ones."""
+
     def deco(fn: FormatFn) -> FormatFn:
         _FORMATS[name] = fn
+        if row_local:
+            _ROW_LOCAL.add(name)
         return fn
 
     return deco
+
+
+def is_row_local(name: str) -> bool:
+    _load_all()
+    return name in _ROW_LOCAL
 
 
 def _load_all() -> None:

@@ -11,10 +11,14 @@ size_categories, tags, dataset_info). Everything written passes through
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import polars as pl
 import yaml
 
@@ -52,9 +56,10 @@ def templates_dirs() -> list[Path]:
     return [d for d in (root, packaged) if d.is_dir()]
 
 
+@functools.lru_cache(maxsize=4)
 def jinja_env(autoescape: bool = False) -> Any:
-    import jinja2
-
+    """The card / report templates' environment (one per process; compiled templates are kept in
+    jinja's bytecode cache, so a process does not recompile them)."""
     dirs = templates_dirs()
     if not dirs:
         raise FileNotFoundError(
@@ -68,11 +73,26 @@ def jinja_env(autoescape: bool = False) -> Any:
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.ChainableUndefined,
+        bytecode_cache=_bytecode_cache(),
     )
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:,.3g}" if isinstance(v, float) else str(v))
     env.filters["cell"] = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * float(v):.1f}%"
     return env
+
+
+def _bytecode_cache() -> Any:
+    """Compiled templates under ``$XDG_CACHE_HOME/tracepipe/jinja`` (or the temp dir); None if
+    neither is writable. Entries are keyed by template source, so edits are picked up."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for root in (os.path.join(base, "tracepipe", "jinja"), os.path.join(tempfile.gettempdir(), f"tracepipe-jinja-{os.getuid()}")):
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            if os.access(root, os.W_OK):
+                return jinja2.FileSystemBytecodeCache(root)
+        except OSError:
+            continue
+    return None
 
 
 def size_category(n: int) -> str:

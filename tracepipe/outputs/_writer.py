@@ -30,6 +30,7 @@ Options every format understands: ``where`` (SQL filter over the final rows befo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,14 +42,22 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - RecordBatch.cast needs it; loaded here, not inside a write
 import pyarrow.parquet as pq
 import xxhash
 
-from tracepipe.outputs import get_format
+from tracepipe.outputs import _card, get_format, is_row_local
 from tracepipe.outputs._common import option_bool
 from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
+from tracepipe.pipeline.frames import digest_of, scan_parts
+
+log = logging.getLogger(__name__)
 
 SPLIT_COL = "__split"
+WRITER_VERSION = "2"
+#: an appending rerun adds shards; a split with this many (or twice what a fresh write would
+#: make, if more) is rewritten compactly instead
+APPEND_MAX_SHARDS = 8
 ROW_GROUP_MAX_BYTES = 64 * 2**20
 #: top-level names the writer owns in an output directory (others are left alone)
 MANAGED = ("data", "README.md", "recipe.yaml", "stats.json", "output.json", "summary.json",
@@ -118,17 +127,23 @@ def row_groups(pf: pq.ParquetFile, schema: pa.Schema, rows_per_group: int) -> It
         yield from emit(pa.Table.from_batches(pending, schema=schema))
 
 
-def write_shards(src: Path, out_dir: Path, split: str, shard_bytes: int, row_group_rows: int) -> list[dict[str, Any]]:
-    """Cut ``src`` into ``<split>-NNNNN-of-NNNNN.parquet`` shards of about ``shard_bytes``.
+def write_shards(
+    src: Path, out_dir: Path, split: str, shard_bytes: int, row_group_rows: int, *, start: int = 0,
+    schema: pa.Schema | None = None,
+) -> list[dict[str, Any]]:
+    """Cut ``src`` into shards of about ``shard_bytes``, written as ``.<split>-NNNNN.part``
+    (numbered from ``start``); :func:`name_shards` gives them their final names.
 
     Row order is kept. Shards are filled greedily, row group by row group, until the bytes written
     reach ``shard_bytes``, so a shard's content depends only on the rows up to its end: after rows
     are appended, earlier shards are byte-identical (only their ``-of-`` count may change) and a
-    re-push uploads just the new content. Returns ``{"split", "file", "rows", "bytes",
-    "row_groups", "columns"}`` per shard.
+    re-push uploads just the new content. ``schema`` forces the Arrow schema (appends match the
+    shards already written). Returns ``{"split", "path", "rows", "bytes", "row_groups",
+    "columns"}`` per shard.
     """
     pf = pq.ParquetFile(src)
-    schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in pf.schema_arrow])
+    if schema is None:
+        schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in pf.schema_arrow])
     parts: list[Path] = []
     writer: pq.ParquetWriter | None = None
     sink: Any = None
@@ -146,7 +161,7 @@ def write_shards(src: Path, out_dir: Path, split: str, shard_bytes: int, row_gro
 
     for group in row_groups(pf, schema, row_group_rows):
         if writer is None:
-            parts.append(out_dir / f".{split}-{len(parts):05d}.part")
+            parts.append(out_dir / f".{split}-{start + len(parts):05d}.part")
             sink = pa.OSFile(str(parts[-1]), "wb")
             writer = _parquet_writer(sink, schema)
             groups = 0
@@ -156,18 +171,44 @@ def write_shards(src: Path, out_dir: Path, split: str, shard_bytes: int, row_gro
             close()
     if writer is not None:
         close()
-    if not parts:  # no rows: one empty shard keeps the schema visible to loaders
-        parts.append(out_dir / f".{split}-00000.part")
-        with pa.OSFile(str(parts[0]), "wb") as empty:
-            _parquet_writer(empty, schema).close()
     files: list[dict[str, Any]] = []
-    for i, part in enumerate(parts):
-        p = out_dir / f"{split}-{i:05d}-of-{len(parts):05d}.parquet"
-        part.rename(p)
-        md = pq.ParquetFile(p).metadata
-        files.append({"split": split, "file": f"data/{p.name}", "rows": md.num_rows, "bytes": p.stat().st_size,
+    for part in parts:
+        md = pq.ParquetFile(part).metadata
+        files.append({"split": split, "path": part, "rows": md.num_rows, "bytes": part.stat().st_size,
                       "row_groups": md.num_row_groups, "columns": list(schema.names)})
     return files
+
+
+def empty_shard(out_dir: Path, split: str, schema: pa.Schema) -> dict[str, Any]:
+    """One shard without rows: keeps the schema visible to loaders when a split is empty."""
+    schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in schema])
+    path = out_dir / f".{split}-00000.part"
+    with pa.OSFile(str(path), "wb") as sink:
+        _parquet_writer(sink, schema).close()
+    return {"split": split, "path": path, "rows": 0, "bytes": path.stat().st_size, "row_groups": 0, "columns": list(schema.names)}
+
+
+def name_shards(files: list[dict[str, Any]], data_dir: Path) -> list[dict[str, Any]]:
+    """Move each split's shards (in order) to ``<split>-NNNNN-of-NNNNN.parquet`` in ``data_dir``;
+    ``path`` is the file written (a temp part, or a shard kept from the last run)."""
+    out: list[dict[str, Any]] = []
+    for split in dict.fromkeys(f["split"] for f in files):
+        mine = [f for f in files if f["split"] == split]
+        for i, f in enumerate(mine):
+            dest = data_dir / f"{split}-{i:05d}-of-{len(mine):05d}.parquet"
+            if f.get("keep"):
+                _link_or_copy(f["path"], dest)
+            else:
+                Path(f["path"]).rename(dest)
+            out.append({**{k: v for k, v in f.items() if k not in ("path", "keep")}, "file": f"data/{dest.name}", "kept": bool(f.get("keep"))})
+    return out
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def output_location(recipe: Any, spec: Any) -> str:
@@ -225,9 +266,54 @@ def _copy_to_url(local: Path, url: str) -> None:
             fs.put_file(str(p), dest)
 
 
-def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write one ``outputs[i]`` entry; returns what was written (files, rows per split)."""
-    from tracepipe.outputs import _card
+def layout_digest(spec: Any, options: dict[str, Any], where: Any, schema: pl.Schema) -> str:
+    """What decides the shards' bytes besides the rows: format, options, sizes, the rows' schema."""
+    return digest_of(WRITER_VERSION, spec.format, {k: v for k, v in options.items() if k != "card"}, where,
+                     spec.test_fraction, spec.row_group_rows, spec.shard_size_mb, [(n, str(t)) for n, t in schema.items()])
+
+
+def _append_plan(out: Path, layout: str, parts: list[Any], shard_bytes: int) -> tuple[list[dict[str, Any]], list[Any]] | None:
+    """Shards of the last write to keep, and the final parts still to write, or None (rewrite).
+
+    Appending is possible when the last write had the same layout and its final parts are a
+    prefix of this run's (rows were only added at the end), its shards are all still there, and
+    no split has reached ``max(APPEND_MAX_SHARDS, 2 x what a fresh write would make)`` shards
+    (then the output is rewritten compactly).
+    """
+    try:
+        prev = json.loads((out / "output.json").read_text())
+    except (OSError, ValueError):
+        return None
+    lay = prev.get("layout") or {}
+    old = list(lay.get("parts") or [])
+    if lay.get("digest") != layout or [p.digest for p in parts[: len(old)]] != old:
+        return None
+    kept: list[dict[str, Any]] = []
+    for f in prev.get("files") or []:
+        path = out / str(f.get("file"))
+        if "columns" not in f or not path.is_file() or path.stat().st_size != f.get("bytes"):
+            return None
+        if f["rows"]:
+            kept.append({**f, "path": path, "keep": True})
+    if not kept:  # the last write had no rows: nothing to keep
+        return None
+    for split in dict.fromkeys(f["split"] for f in kept):
+        mine = [f for f in kept if f["split"] == split]
+        fresh = math.ceil(sum(f["bytes"] for f in mine) / max(1, shard_bytes))
+        if len(mine) + 1 > max(APPEND_MAX_SHARDS, 2 * fresh):
+            return None
+    return kept, parts[len(old):]
+
+
+def write_output(
+    final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None = None, parts: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Write one ``outputs[i]`` entry; returns what was written (files, rows per split).
+
+    ``parts`` (the frame parts ``final`` scans, in order) lets a rerun append: when the last
+    write's parts are a prefix of them, its shards are kept byte for byte and only the rows of the
+    new parts are formatted and written, as new shards (see :func:`_append_plan`).
+    """
 
     options = dict(spec.options)
     card_opts = dict(options.pop("card", None) or {})
@@ -235,51 +321,47 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
     if spec.push is not None and spec.push.repo and "repo" not in card_opts:
         card_opts["repo"] = spec.push.repo
     rejects = rejects_paths(recipe)
-    if where:
-        from tracepipe.stages._sql import parse_sql_expr
+    in_schema = final.collect_schema()
+    curriculum = "curriculum_rank" in in_schema and option_bool(options, "curriculum_order", True)
 
-        final = final.filter(parse_sql_expr(str(where)).fill_null(False))
-    if "curriculum_rank" in final.collect_schema() and option_bool(options, "curriculum_order", True):
-        # `select: {curriculum: ...}` ranks rows (easy -> hard, or named stages); trainers read in file order
-        final = final.sort("curriculum_rank", maintain_order=True, nulls_last=True)
-    rows = get_format(spec.format)(final, {**options, "_rejects": rejects})
-    schema = rows.collect_schema()
-    if spec.test_fraction > 0:
-        if "id" not in schema:
-            raise ValueError(f"outputs[].test_fraction needs an `id` column in the {spec.format} rows")
-        rows = rows.with_columns(split_expr(spec.test_fraction).alias(SPLIT_COL))
-        schema = rows.collect_schema()
-    drop_id = not option_bool(options, "meta", True) and "id" in schema and "id" not in (options.get("keep_columns") or [])
+    def selected(lf: pl.LazyFrame) -> pl.LazyFrame:
+        if where:
+            from tracepipe.stages._sql import parse_sql_expr
 
+            lf = lf.filter(parse_sql_expr(str(where)).fill_null(False))
+        if curriculum:  # `select: {curriculum: ...}` ranks rows (easy -> hard); trainers read in file order
+            lf = lf.sort("curriculum_rank", maintain_order=True, nulls_last=True)
+        return lf
+
+    final = selected(final)
     location = output_location(recipe, spec)
     remote = "://" in location
+    shard_bytes = int(spec.shard_size_mb * 2**20)
+    layout = layout_digest(spec, options, where, in_schema)
     out = Path(tempfile.mkdtemp(prefix="tracepipe-out-")) if remote else Path(location)
+    plan = None
+    if parts is not None and not remote and not curriculum and is_row_local(spec.format):
+        plan = _append_plan(out, layout, parts, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "data").mkdir(parents=True)
     secret_names = recipe_secret_env_names(recipe)
     try:
-        staged = tmp / "staged.parquet"
-        rows.sink_parquet(staged, compression="lz4", maintain_order=True)  # scratch: fast codec
-        splits = ["train"]
-        if SPLIT_COL in schema:
-            present = set(pl.scan_parquet(staged).select(pl.col(SPLIT_COL).unique()).collect().to_series().to_list())
-            splits = ["train"] + (["test"] if "test" in present else [])
-        files: list[dict[str, Any]] = []
-        for split in splits:
-            if SPLIT_COL not in schema and not drop_id:  # one split, nothing to drop: shard the staged rows
-                files += write_shards(staged, tmp / "data", split, int(spec.shard_size_mb * 2**20), spec.row_group_rows)
-                continue
-            part = pl.scan_parquet(staged)
-            if SPLIT_COL in schema:
-                part = part.filter(pl.col(SPLIT_COL) == split).drop(SPLIT_COL)
-            if drop_id:
-                part = part.drop("id")
-            split_file = tmp / f"staged-{split}.parquet"
-            part.sink_parquet(split_file, compression="lz4", maintain_order=True)
-            files += write_shards(split_file, tmp / "data", split, int(spec.shard_size_mb * 2**20), spec.row_group_rows)
-            split_file.unlink()
-        staged.unlink()
+        files: list[dict[str, Any]] | None = None
+        if plan is not None:
+            kept, new_parts = plan
+            # the new parts under the schema of all final rows (formats look at the columns)
+            new_rows = selected(pl.concat([pl.LazyFrame(schema=in_schema), scan_parts(new_parts)], how="diagonal_relaxed")) if new_parts else None
+            try:
+                (tmp / "data").mkdir(parents=True)
+                files = _write_data(new_rows, spec, options, rejects, tmp, shard_bytes, kept)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                log.info("output %s: appending failed (%s); rewriting it", spec.path, e)
+                files = None
+        if files is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "data").mkdir(parents=True)
+            files = _write_data(final, spec, options, rejects, tmp, shard_bytes, [])
+        splits = list(dict.fromkeys(f["split"] for f in files))
 
         summary = _card.summarize(final, spec, recipe, stats, files, rejects)
         plots = _card.write_plots(summary, tmp)
@@ -301,10 +383,13 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
         info = {
             "format": spec.format,
             "path": location,
-            "files": [{k: f[k] for k in ("split", "file", "rows", "bytes", "row_groups")} for f in files],
+            "files": [{k: f[k] for k in ("split", "file", "rows", "bytes", "row_groups", "columns")} for f in files],
             "rows": {s: sum(f["rows"] for f in files if f["split"] == s) for s in splits},
+            "appended": any(f.get("kept") for f in files),
             "managed": sorted(p.name for p in tmp.iterdir()) + ["output.json"],
         }
+        if parts is not None:
+            info["layout"] = {"digest": layout, "parts": [p.digest for p in parts]}
         (tmp / "output.json").write_text(json.dumps(info, indent=2))
         _swap_in(tmp, out)
         if remote:
@@ -316,6 +401,64 @@ def write_output(final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, A
     if spec.push is not None and not os.environ.get("TRACEPIPE_NO_PUSH"):
         info["push"] = _push_after_write(recipe, spec)
     return info
+
+
+def _write_data(
+    src: pl.LazyFrame | None, spec: Any, options: dict[str, Any], rejects: list[str], tmp: Path, shard_bytes: int,
+    kept: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Format ``src`` (None: nothing new), write its shards after the ``kept`` ones, name them all
+    under ``tmp/data``. Returns the shards in split order (train first)."""
+    data = tmp / "data"
+    new: list[dict[str, Any]] = []
+    splits = list(dict.fromkeys(["train", *(f["split"] for f in kept)]))
+    empty_schema: pa.Schema | None = None
+    if src is not None:
+        rows = get_format(spec.format)(src, {**options, "_rejects": rejects})
+        schema = rows.collect_schema()
+        if spec.test_fraction > 0:
+            if "id" not in schema:
+                raise ValueError(f"outputs[].test_fraction needs an `id` column in the {spec.format} rows")
+            rows = rows.with_columns(split_expr(spec.test_fraction).alias(SPLIT_COL))
+            schema = rows.collect_schema()
+        drop_id = not option_bool(options, "meta", True) and "id" in schema and "id" not in (options.get("keep_columns") or [])
+        staged = tmp / "staged.parquet"
+        rows.sink_parquet(staged, compression="lz4", maintain_order=True)  # scratch: fast codec
+        present = ["train"]
+        if SPLIT_COL in schema:
+            present = list(pl.scan_parquet(staged).select(pl.col(SPLIT_COL).unique()).collect().to_series().to_list())
+        splits = list(dict.fromkeys([*splits, *(["test"] if "test" in present else [])]))
+        for split in splits:
+            mine = [f for f in kept if f["split"] == split]
+            force = pq.read_schema(mine[0]["path"]) if mine else None
+            if SPLIT_COL not in schema and not drop_id:  # one split, nothing to drop: shard the staged rows
+                new += write_shards(staged, data, split, shard_bytes, spec.row_group_rows, start=len(mine), schema=force)
+                continue
+            part = pl.scan_parquet(staged)
+            if SPLIT_COL in schema:
+                part = part.filter(pl.col(SPLIT_COL) == split).drop(SPLIT_COL)
+            if drop_id:
+                part = part.drop("id")
+            split_file = tmp / f"staged-{split}.parquet"
+            part.sink_parquet(split_file, compression="lz4", maintain_order=True)
+            new += write_shards(split_file, data, split, shard_bytes, spec.row_group_rows, start=len(mine), schema=force)
+            if empty_schema is None:
+                empty_schema = pq.read_schema(split_file)
+            split_file.unlink()
+        if empty_schema is None:
+            empty_schema = pq.read_schema(staged)
+        staged.unlink()
+    files: list[dict[str, Any]] = []
+    for split in splits:
+        mine = [f for f in kept if f["split"] == split] + [f for f in new if f["split"] == split]
+        if not mine:
+            if split != "train":
+                continue
+            if empty_schema is None:  # pragma: no cover - kept shards always include train ones
+                raise ValueError("no rows and no schema to write an empty shard with")
+            mine = [empty_shard(data, split, empty_schema)]
+        files += mine
+    return name_shards(files, data)
 
 
 def _push_after_write(recipe: Any, spec: Any) -> list[str]:

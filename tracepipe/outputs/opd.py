@@ -30,7 +30,7 @@ TOKEN_COLUMNS = ("token_ids", "loss_mask", "teacher_logprobs")
 TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
-@register_format("opd")
+@register_format("opd", row_local=True)
 def opd(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
     schema = lf.collect_schema()
     missing = [c for c in TOKEN_COLUMNS if c not in schema]

@@ -25,7 +25,7 @@ from tracepipe.outputs._common import (
 )
 
 
-@register_format("prompt-completion")
+@register_format("prompt-completion", row_local=True)
 def prompt_completion(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
     schema = lf.collect_schema()
     meta = meta_columns(schema, options, exclude=("prompt", "completion"))

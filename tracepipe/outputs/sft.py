@@ -31,7 +31,7 @@ from tracepipe.outputs._common import (  # noqa: F401 - re-exported for other fo
 )
 
 
-@register_format("sft-messages")
+@register_format("sft-messages", row_local=True)
 def sft_messages(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
     schema = lf.collect_schema()
     meta = meta_columns(schema, options, exclude=("messages",))

@@ -52,7 +52,7 @@ def llamafactory_info(name: str, files: list[str], options: dict[str, Any] | Non
     }
 
 
-@register_format("sharegpt")
+@register_format("sharegpt", row_local=True)
 def sharegpt(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
     schema = lf.collect_schema()
     opts = {**options, "reasoning": "none" if options.get("reasoning") == "none" else "think"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
 from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, scan_parts
@@ -239,13 +241,11 @@ class Runner:
                     self._publish_rejects(rejects)
                     self._publish_files(quarantine, "quarantine")
                     stats.seconds = time.perf_counter() - t_run
-                    from tracepipe.outputs._writer import write_output
-
                     final = scan_parts(parts) if parts else None
                     for out_spec in self.recipe.outputs:
                         if final is None:
                             continue
-                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict()))
+                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict(), parts=parts))
                     result.outputs = stats.outputs
                     keep = {p.digest for p in parts} | self.cache.used
                     self.cache.gc(keep)
@@ -485,17 +485,22 @@ class Runner:
         else:
             st.cached = df.height
         missing_note = f"{stage.name}: not selected"
-        full = df.select(KEY_COL, "_part").join(decision, on=KEY_COL, how="left", maintain_order="left")
-        decided = df.select(KEY_COL).join(decision.select(KEY_COL), on=KEY_COL, how="semi")
-        if decided.height < df.height:
-            has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
-            full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
+        if decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL]):  # a row per input row, in order
+            full = pl.concat([df.select("_part"), decision], how="horizontal")
+        else:
+            full = df.select(KEY_COL, "_part").join(decision, on=KEY_COL, how="left", maintain_order="left")
+            decided = df.select(KEY_COL).join(decision.select(KEY_COL), on=KEY_COL, how="semi")
+            if decided.height < df.height:
+                has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
+                full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
         del df
+        by_part = full.partition_by("_part", maintain_order=True, include_key=False, as_dict=True)
+        empty = full.head(0).drop("_part")
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
         out: list[Part] = []
         rej: list[Part] = []
         for j, p in enumerate(parts):
-            sub = full.filter(pl.col("_part") == j).drop("_part")
+            sub = by_part.get((j,), empty)
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             cached = self.cache.get(d)
             if cached is not None:
@@ -519,23 +524,15 @@ class Runner:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _publish_rejects(self, items: list[tuple[str, list[Part]]]) -> None:
-        """``<workdir>/rejects/<NNN>-<stage>.parquet``: every row a stage dropped, with ``_reason``."""
+        """``<workdir>/rejects/<NNN>-<stage>-<k>.parquet``: every row a stage dropped, with
+        ``_reason``, one file per frame part (hard links to the immutable parts: no copy, so a
+        rerun publishes in proportion to the number of parts, not rows)."""
         if self.local_workdir is None:
             return
         files: list[tuple[str, Path]] = []
-        tmp = self.local_workdir / f".rejects-build-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
         for tag, parts in items:
-            if not parts:
-                continue
-            path = tmp / f"{tag}.parquet"
-            if len(parts) == 1:
-                shutil.copyfile(parts[0].path, path)
-            else:
-                scan_parts(parts).sink_parquet(path, compression="zstd")
-            files.append((tag, path))
+            files += [(f"{tag}-{k:05d}", p.path) for k, p in enumerate(parts)]
         self._publish_files(files, "rejects")
-        shutil.rmtree(tmp, ignore_errors=True)
 
     def _publish_files(self, items: list[tuple[str, Path]], kind: str) -> None:
         """Replace ``<workdir>/<kind>/`` with this run's files (the current state, queryable)."""
@@ -546,7 +543,10 @@ class Runner:
         new.mkdir(parents=True)
         for tag, path in items:
             if path.exists():
-                shutil.copyfile(path, new / f"{tag}.parquet")
+                try:
+                    os.link(path, new / f"{tag}.parquet")
+                except OSError:
+                    shutil.copyfile(path, new / f"{tag}.parquet")
         old = self.local_workdir / f".{kind}-old-{uuid.uuid4().hex[:6]}"
         if dest.exists():
             dest.rename(old)

@@ -281,7 +281,7 @@ class Dedup(SetStage):
             sc[idx] = score(idx, keeper[idx])
         return pl.DataFrame({
             KEY_COL: keys,
-            DROP_COL: pl.Series([f"dedup:{p.method}" if d else None for d in is_dup.tolist()], dtype=pl.String),
+            DROP_COL: pl.Series(is_dup).replace_strict({True: f"dedup:{p.method}", False: None}, return_dtype=pl.String),
             DUP_OF: dup_of,
             DUP_SCORE: pl.Series(sc),
         }).with_columns(

@@ -36,7 +36,6 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,81 +101,83 @@ def _parquet_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
         return pq.ParquetWriter(sink, schema, **kw)
 
 
-def row_groups(pf: pq.ParquetFile, schema: pa.Schema, rows_per_group: int) -> Iterator[pa.Table]:
-    """The rows of ``pf`` in order, as tables of exactly ``rows_per_group`` rows (the last may be
-    shorter); a group whose Arrow size passes ~64 MiB is cut into equal parts. Group boundaries
-    depend only on the rows before them, so appending rows never moves an earlier boundary."""
-    pending: list[pa.RecordBatch] = []
-    n = 0
+class ShardWriter:
+    """Streams tables (in row order) into ``.<split>-NNNNN.part`` shards of about ``shard_bytes``.
 
-    def emit(t: pa.Table) -> Iterator[pa.Table]:
+    Rows are grouped into row groups of exactly ``row_group_rows`` rows (the last may be shorter;
+    a group whose Arrow size passes ~64 MiB is cut into equal parts), and shards fill up greedily,
+    row group by row group, until the bytes written reach ``shard_bytes``. Group and shard
+    boundaries depend only on the rows before them, so after rows are appended, earlier shards
+    are byte-identical (only their ``-of-`` count may change) and a re-push uploads just the new
+    content. Memory holds one row group. ``schema`` forces the Arrow schema (an append matches
+    the shards already written); else it is the first table's, with 32-bit offsets.
+    :func:`name_shards` gives the shards their final names.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_bytes: int, row_group_rows: int, *, start: int = 0,
+                 schema: pa.Schema | None = None) -> None:
+        self.out_dir, self.split, self.shard_bytes, self.rows_per_group = out_dir, split, shard_bytes, row_group_rows
+        self.start = start
+        self.schema = schema
+        self.paths: list[Path] = []
+        self._pending: list[pa.RecordBatch] = []
+        self._n = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: Any = None
+        self._groups = 0
+        self._footer_per_group = 0.0  # learnt from the shards closed so far (depends only on earlier rows)
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        if self.schema is None:
+            self.schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in data.schema])
+        batches = data.to_batches() if isinstance(data, pa.Table) else [data]
+        for b in batches:
+            if b.num_rows:
+                self._pending.append(b.cast(self.schema))
+                self._n += b.num_rows
+        while self._n >= self.rows_per_group:
+            t = pa.Table.from_batches(self._pending, schema=self.schema)
+            self._emit(t.slice(0, self.rows_per_group))
+            rest = t.slice(self.rows_per_group)
+            self._pending, self._n = (rest.to_batches() if rest.num_rows else []), rest.num_rows
+
+    def _emit(self, t: pa.Table) -> None:
+        assert self.schema is not None
         parts = max(1, math.ceil(t.nbytes / ROW_GROUP_MAX_BYTES))
         step = math.ceil(t.num_rows / parts)
-        for start in range(0, t.num_rows, step):
-            yield t.slice(start, step)
+        for first in range(0, t.num_rows, step):
+            group = t.slice(first, step)
+            if self._writer is None:
+                self.paths.append(self.out_dir / f".{self.split}-{self.start + len(self.paths):05d}.part")
+                self._sink = pa.OSFile(str(self.paths[-1]), "wb")
+                self._writer = _parquet_writer(self._sink, self.schema)
+                self._groups = 0
+            self._writer.write_table(group, row_group_size=group.num_rows)
+            self._groups += 1
+            if self._sink.tell() + self._footer_per_group * self._groups >= self.shard_bytes:
+                self._close_shard()
 
-    for b in pf.iter_batches(batch_size=rows_per_group):
-        pending.append(b.cast(schema))
-        n += b.num_rows
-        while n >= rows_per_group:
-            t = pa.Table.from_batches(pending, schema=schema)
-            yield from emit(t.slice(0, rows_per_group))
-            rest = t.slice(rows_per_group)
-            pending, n = (rest.to_batches() if rest.num_rows else []), rest.num_rows
-    if n:
-        yield from emit(pa.Table.from_batches(pending, schema=schema))
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        body = self._sink.tell()
+        self._writer.close()
+        self._sink.close()
+        self._footer_per_group = max(self._footer_per_group, (self.paths[-1].stat().st_size - body) / max(1, self._groups))
+        self._writer = None
 
-
-def write_shards(
-    src: Path, out_dir: Path, split: str, shard_bytes: int, row_group_rows: int, *, start: int = 0,
-    schema: pa.Schema | None = None,
-) -> list[dict[str, Any]]:
-    """Cut ``src`` into shards of about ``shard_bytes``, written as ``.<split>-NNNNN.part``
-    (numbered from ``start``); :func:`name_shards` gives them their final names.
-
-    Row order is kept. Shards are filled greedily, row group by row group, until the bytes written
-    reach ``shard_bytes``, so a shard's content depends only on the rows up to its end: after rows
-    are appended, earlier shards are byte-identical (only their ``-of-`` count may change) and a
-    re-push uploads just the new content. ``schema`` forces the Arrow schema (appends match the
-    shards already written). Returns ``{"split", "path", "rows", "bytes", "row_groups",
-    "columns"}`` per shard.
-    """
-    pf = pq.ParquetFile(src)
-    if schema is None:
-        schema = pa.schema([pa.field(f.name, _small_types(f.type), f.nullable) for f in pf.schema_arrow])
-    parts: list[Path] = []
-    writer: pq.ParquetWriter | None = None
-    sink: Any = None
-    groups = 0
-    footer_per_group = 0.0  # learnt from the shards closed so far (depends only on earlier rows)
-
-    def close() -> None:
-        nonlocal writer, footer_per_group
-        assert writer is not None
-        body = sink.tell()
-        writer.close()
-        sink.close()
-        footer_per_group = max(footer_per_group, (parts[-1].stat().st_size - body) / max(1, groups))
-        writer = None
-
-    for group in row_groups(pf, schema, row_group_rows):
-        if writer is None:
-            parts.append(out_dir / f".{split}-{start + len(parts):05d}.part")
-            sink = pa.OSFile(str(parts[-1]), "wb")
-            writer = _parquet_writer(sink, schema)
-            groups = 0
-        writer.write_table(group, row_group_size=group.num_rows)
-        groups += 1
-        if sink.tell() + footer_per_group * groups >= shard_bytes:
-            close()
-    if writer is not None:
-        close()
-    files: list[dict[str, Any]] = []
-    for part in parts:
-        md = pq.ParquetFile(part).metadata
-        files.append({"split": split, "path": part, "rows": md.num_rows, "bytes": part.stat().st_size,
-                      "row_groups": md.num_row_groups, "columns": list(schema.names)})
-    return files
+    def close(self) -> list[dict[str, Any]]:
+        """Flush; returns ``{"split", "path", "rows", "bytes", "row_groups", "columns"}`` per shard."""
+        if self._n:
+            self._emit(pa.Table.from_batches(self._pending, schema=self.schema))
+            self._pending, self._n = [], 0
+        if self._writer is not None:
+            self._close_shard()
+        files: list[dict[str, Any]] = []
+        for path in self.paths:
+            md = pq.read_metadata(path)
+            files.append({"split": self.split, "path": path, "rows": md.num_rows, "bytes": path.stat().st_size,
+                          "row_groups": md.num_row_groups, "columns": list(md.schema.to_arrow_schema().names)})
+        return files
 
 
 def empty_shard(out_dir: Path, split: str, schema: pa.Schema) -> dict[str, Any]:
@@ -347,20 +348,25 @@ def write_output(
     secret_names = recipe_secret_env_names(recipe)
     try:
         files: list[dict[str, Any]] | None = None
+        whole = curriculum or not is_row_local(spec.format) or parts is None
+
+        def part_chunks(ps: list[Any]) -> list[pl.LazyFrame]:
+            # each part under the schema of all final rows (formats look at the columns)
+            return [selected(pl.concat([pl.LazyFrame(schema=in_schema), scan_parts([p])], how="diagonal_relaxed")) for p in ps]
+
         if plan is not None:
             kept, new_parts = plan
-            # the new parts under the schema of all final rows (formats look at the columns)
-            new_rows = selected(pl.concat([pl.LazyFrame(schema=in_schema), scan_parts(new_parts)], how="diagonal_relaxed")) if new_parts else None
             try:
                 (tmp / "data").mkdir(parents=True)
-                files = _write_data(new_rows, spec, options, rejects, tmp, shard_bytes, kept)
+                files = _write_data(part_chunks(new_parts), spec, options, rejects, tmp, shard_bytes, kept, whole=False)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
                 log.info("output %s: appending failed (%s); rewriting it", spec.path, e)
                 files = None
         if files is None:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "data").mkdir(parents=True)
-            files = _write_data(final, spec, options, rejects, tmp, shard_bytes, [])
+            chunks = [final] if whole or parts is None else part_chunks(parts)
+            files = _write_data(chunks, spec, options, rejects, tmp, shard_bytes, [], whole=whole)
         splits = list(dict.fromkeys(f["split"] for f in files))
 
         summary = _card.summarize(final, spec, recipe, stats, files, rejects)
@@ -404,52 +410,51 @@ def write_output(
 
 
 def _write_data(
-    src: pl.LazyFrame | None, spec: Any, options: dict[str, Any], rejects: list[str], tmp: Path, shard_bytes: int,
-    kept: list[dict[str, Any]],
+    chunks: list[pl.LazyFrame], spec: Any, options: dict[str, Any], rejects: list[str], tmp: Path, shard_bytes: int,
+    kept: list[dict[str, Any]], whole: bool,
 ) -> list[dict[str, Any]]:
-    """Format ``src`` (None: nothing new), write its shards after the ``kept`` ones, name them all
-    under ``tmp/data``. Returns the shards in split order (train first)."""
+    """Format the rows of ``chunks`` (in order), stream them into shards after the ``kept`` ones,
+    and name them all under ``tmp/data``. Returns the shards in split order (train first).
+
+    Row-local formats get one chunk per frame part, each formatted and written on its own, so
+    memory holds a part. A ``whole`` format (pairs across rows, curriculum order) gets one chunk,
+    staged to a scratch file and read back in row groups.
+    """
     data = tmp / "data"
-    new: list[dict[str, Any]] = []
-    splits = list(dict.fromkeys(["train", *(f["split"] for f in kept)]))
+    writers: dict[str, ShardWriter] = {}
     empty_schema: pa.Schema | None = None
-    if src is not None:
-        rows = get_format(spec.format)(src, {**options, "_rejects": rejects})
+
+    def route(df: pl.DataFrame) -> None:
+        groups = df.partition_by(SPLIT_COL, as_dict=True, include_key=False, maintain_order=True) if SPLIT_COL in df.columns else {("train",): df}
+        for (split, *_), sub in groups.items():
+            if split not in writers:
+                mine = [f for f in kept if f["split"] == split]
+                writers[split] = ShardWriter(data, str(split), shard_bytes, spec.row_group_rows, start=len(mine),
+                                             schema=pq.read_schema(mine[0]["path"]) if mine else None)
+            writers[split].write(sub.to_arrow())
+
+    for lf in chunks:
+        rows = get_format(spec.format)(lf, {**options, "_rejects": rejects})
         schema = rows.collect_schema()
         if spec.test_fraction > 0:
             if "id" not in schema:
                 raise ValueError(f"outputs[].test_fraction needs an `id` column in the {spec.format} rows")
             rows = rows.with_columns(split_expr(spec.test_fraction).alias(SPLIT_COL))
-            schema = rows.collect_schema()
-        drop_id = not option_bool(options, "meta", True) and "id" in schema and "id" not in (options.get("keep_columns") or [])
+        if not option_bool(options, "meta", True) and "id" in schema and "id" not in (options.get("keep_columns") or []):
+            rows = rows.drop("id")  # kept for the split by id; not wanted in the shards
+        if empty_schema is None:
+            empty_schema = pl.DataFrame(schema=rows.drop(SPLIT_COL, strict=False).collect_schema()).to_arrow().schema
+        if not whole:
+            route(rows.collect())
+            continue
         staged = tmp / "staged.parquet"
         rows.sink_parquet(staged, compression="lz4", maintain_order=True)  # scratch: fast codec
-        present = ["train"]
-        if SPLIT_COL in schema:
-            present = list(pl.scan_parquet(staged).select(pl.col(SPLIT_COL).unique()).collect().to_series().to_list())
-        splits = list(dict.fromkeys([*splits, *(["test"] if "test" in present else [])]))
-        for split in splits:
-            mine = [f for f in kept if f["split"] == split]
-            force = pq.read_schema(mine[0]["path"]) if mine else None
-            if SPLIT_COL not in schema and not drop_id:  # one split, nothing to drop: shard the staged rows
-                new += write_shards(staged, data, split, shard_bytes, spec.row_group_rows, start=len(mine), schema=force)
-                continue
-            part = pl.scan_parquet(staged)
-            if SPLIT_COL in schema:
-                part = part.filter(pl.col(SPLIT_COL) == split).drop(SPLIT_COL)
-            if drop_id:
-                part = part.drop("id")
-            split_file = tmp / f"staged-{split}.parquet"
-            part.sink_parquet(split_file, compression="lz4", maintain_order=True)
-            new += write_shards(split_file, data, split, shard_bytes, spec.row_group_rows, start=len(mine), schema=force)
-            if empty_schema is None:
-                empty_schema = pq.read_schema(split_file)
-            split_file.unlink()
-        if empty_schema is None:
-            empty_schema = pq.read_schema(staged)
+        for batch in pq.ParquetFile(staged).iter_batches(batch_size=max(1, spec.row_group_rows)):
+            route(pl.DataFrame(pl.from_arrow(batch)))
         staged.unlink()
+    new = [f for w in writers.values() for f in w.close()]
     files: list[dict[str, Any]] = []
-    for split in splits:
+    for split in dict.fromkeys(["train", *(f["split"] for f in kept), *(["test"] if "test" in writers else [])]):
         mine = [f for f in kept if f["split"] == split] + [f for f in new if f["split"] == split]
         if not mine:
             if split != "train":

@@ -56,8 +56,10 @@ from tracepipe.stages import get_stage
 from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage, SetStage, Stage, StageContext
 
 RUNTIME_COLS = (KEY_COL, PARENT_COL)
-#: input rows handled together when joining parts with store results (bounds memory)
+#: input rows handled together when joining parts with store results: the store is read once
+#: per group, and a group's results (estimated at 4x their stored size) stay under the bytes cap
 JOIN_GROUP_ROWS = 50_000
+JOIN_GROUP_BYTES = 256 << 20
 RUNNER_VERSION = "2"
 
 
@@ -318,6 +320,7 @@ class Runner:
                 errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             st.error_keys = errors.height
             res = store.scan()
+            group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
             quar_frames: list[pl.LazyFrame] = []
             # join the parts with the results, a group of parts at a time (bounded memory)
             group: list[int] = []
@@ -325,10 +328,15 @@ class Runner:
             for n, j in enumerate(todo):
                 group.append(j)
                 rows += parts[j].rows
-                if rows < JOIN_GROUP_ROWS and n < len(todo) - 1:
+                if rows < group_cap and n < len(todo) - 1:
                     continue
+                # the store's results for this group's keys, read once (not once per part)
+                mine = None
+                if res is not None:
+                    group_keys = pl.concat([keys[jj] for jj in group]).unique().lazy()
+                    mine = res.join(group_keys, on=IN_KEY_COL, how="semi", maintain_order="left").collect()
                 for jj in group:
-                    kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], res, errors, digests[jj], plan)
+                    kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], mine, errors, digests[jj], plan)
                     out[jj] = kept
                     if dropped is not None:
                         rej.append(dropped)
@@ -403,7 +411,7 @@ class Runner:
             st.compute_seconds = time.perf_counter() - t0
 
     def _join_part(
-        self, stage: RowStage, part: Part, keys: pl.DataFrame, res: pl.LazyFrame | None, errors: pl.DataFrame,
+        self, stage: RowStage, part: Part, keys: pl.DataFrame, res: pl.DataFrame | None, errors: pl.DataFrame,
         digest: str, plan: bool,
     ) -> tuple[Part, Part | None, pl.LazyFrame | None]:
         """One input part joined with the stage's results: kept rows, rejects, quarantined rows."""
@@ -415,7 +423,7 @@ class Runner:
         if res is None:
             joined = df.head(0).with_columns(pl.lit(None, dtype=pl.Int32).alias(IDX_COL), pl.lit(None, dtype=pl.String).alias(DROP_COL))
         else:
-            mine = res.join(df.select(IN_KEY_COL).unique().lazy(), on=IN_KEY_COL, how="semi").collect()
+            mine = res.join(df.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="semi", maintain_order="left")
             res_cols = [c for c in mine.columns if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]
             joined = df.drop([c for c in res_cols if c in df.columns]).join(
                 mine, on=IN_KEY_COL, how="inner", maintain_order="left_right"

@@ -228,6 +228,21 @@ class StageStore:
         ds = pads.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs)))
         return pl.scan_pyarrow_dataset(ds)
 
+    def bytes_per_row(self) -> float:
+        """Stored (compressed) bytes per committed row, from the parts' sizes and footers."""
+        parts = self.parts()
+        if not parts:
+            return 0.0
+
+        def size_rows(path: str) -> tuple[int, int]:
+            if self.local:
+                return os.path.getsize(path), pq.read_metadata(path).num_rows
+            with self.fs.open(path, "rb") as fh:
+                return int(self.fs.size(path)), pq.read_metadata(fh).num_rows
+
+        pairs = self._map(size_rows, parts)
+        return sum(b for b, _ in pairs) / max(1, sum(n for _, n in pairs))
+
     def scan(self, schema_hint: dict[str, pl.DataType] | None = None) -> pl.LazyFrame | None:
         """All committed rows, lazily; duplicates of (``_in_key``, ``_idx``) dropped (oldest kept).
 

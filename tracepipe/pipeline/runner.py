@@ -479,6 +479,8 @@ class Runner:
         st.rows_in = st.keys = df.height
         digest = frame_digest(df.drop("_part"))
         decision = store.load_decision(digest)
+        if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
+            decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None
         if decision is None:
             st.to_compute = df.height
             t0 = time.perf_counter()
@@ -489,7 +491,10 @@ class Runner:
             st.compute_seconds = time.perf_counter() - t0
             st.computed = 0 if plan else df.height
             if not plan:
-                store.save_decision(digest, decision)
+                aligned = decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL])
+                # a decision with a row per input row, in order, is saved without its keys (the
+                # input, which the digest covers, has them)
+                store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
         else:
             st.cached = df.height
         missing_note = f"{stage.name}: not selected"

@@ -38,6 +38,8 @@ import pyarrow.parquet as pq
 from tracepipe.pipeline.keys import IN_KEY_COL
 
 IDX_COL = "_idx"
+#: set-stage decisions kept per stage store (newest first)
+KEEP_DECISIONS = 4
 
 #: protocols whose single PUT is atomic (a reader sees the whole object or nothing)
 ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
@@ -280,8 +282,14 @@ class StageStore:
             return None
 
     def save_decision(self, digest: str, df: pl.DataFrame) -> None:
+        """Save a decision; on a local store only the newest ``KEEP_DECISIONS`` are kept (every
+        append makes a new input, hence a new decision, and old ones would pile up)."""
         self.ensure()
         write_parquet_atomic(df, self.decision_url(digest))
+        if self.local:
+            old = sorted(Path(self.path).glob("set-*.parquet"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+            for p in old[KEEP_DECISIONS:]:
+                p.unlink(missing_ok=True)
 
 
 def list_stage_dirs(root: str | Path) -> list[str]:

@@ -173,6 +173,17 @@ class Dedup(SetStage):
             self._check_columns(df)
         df = df.sort(ORDER_COL)
         t0 = time.perf_counter()
+        if p.method == "exact" and p.keep == "first":  # the common case, vectorized: first of each hash group
+            h1, h2 = (pl.col(c) for c in NORM_HASH)
+            # group by the first 64-bit half (fast); the 128-bit pair only if two texts share a half
+            collide = bool(df.select((h2 != h2.first().over(h1)).any()).item()) if df.height else False
+            group: pl.Expr = pl.struct(*NORM_HASH) if collide else h1
+            dup = ~group.is_first_distinct()
+            return df.select(
+                KEY_COL,
+                pl.when(dup).then(pl.lit(f"dedup:{p.method}")).otherwise(None).cast(pl.String).alias(DROP_COL),
+                pl.when(dup).then(pl.col(KEY_COL).first().over(group)).otherwise(None).alias(DUP_OF),
+            )
         if p.method == "exact":
             labels = (
                 df.select(pl.struct(*NORM_HASH).rank("dense")).to_series().cast(pl.Int64).to_numpy()

@@ -401,7 +401,7 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
 
     ``_key`` is ``<source>:<id>``; the n-th repeat of a key (in source order) gets ``~n``.
     """
-    from tracepipe.pipeline.frames import scan_parts
+    from tracepipe.pipeline.frames import read_parts
 
     parts = []
     for i, spec in enumerate(specs):
@@ -431,7 +431,7 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
             parts.append(part)
     if not parts:
         raise SourceError("source: no rows")
-    keys = scan_parts(parts, [KEY_COL]).with_row_index("_row").collect()
+    keys = read_parts(parts, [KEY_COL])
     if keys[KEY_COL].is_duplicated().any():
         occ = keys.select(pl.int_range(pl.len()).over(KEY_COL).alias("occ"))["occ"]
         bounds = [0]

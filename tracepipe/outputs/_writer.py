@@ -449,7 +449,7 @@ def _write_data(
             continue
         staged = tmp / "staged.parquet"
         rows.sink_parquet(staged, compression="lz4", maintain_order=True)  # scratch: fast codec
-        for batch in pq.ParquetFile(staged).iter_batches(batch_size=max(1, spec.row_group_rows)):
+        for batch in pq.ParquetFile(staged).iter_batches(batch_size=max(1, spec.row_group_rows), use_threads=False):
             route(pl.DataFrame(pl.from_arrow(batch)))
         staged.unlink()
     new = [f for w in writers.values() for f in w.close()]

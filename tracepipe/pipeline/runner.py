@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
-from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, scan_parts
+from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, read_parts, scan_parts
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
     KEY_COL,
@@ -392,7 +393,7 @@ class Runner:
         t0 = time.perf_counter()
 
         def batches() -> Iterator[pl.DataFrame]:
-            for b in pf.iter_batches(batch_size=bs):
+            for b in pf.iter_batches(batch_size=bs, use_threads=False):
                 df = pl.from_arrow(b)
                 assert isinstance(df, pl.DataFrame)
                 yield df
@@ -448,22 +449,18 @@ class Runner:
         return out, rej_part, quar
 
     # -- set stages ----------------------------------------------------------------------------
-    def _set_input(self, stage: SetStage, fp: str, part: Part, present: list[str]) -> pl.DataFrame:
-        """``_key`` + what ``decide`` reads for one part: the input columns, or their prepared
-        form (cached per part, so a rerun prepares only parts it has not seen)."""
-        if not stage.prepares():
-            return pl.read_parquet(part.path, columns=[KEY_COL, *present])
+    def _prepared(self, stage: SetStage, fp: str, part: Part, present: list[str]) -> Part:
+        """``_key`` + the stage's prepared columns for one part, cached per part, so a rerun
+        prepares only parts it has not seen."""
         d = digest_of(RUNNER_VERSION, "prep", part.digest, fp, pl.__version__)
         cached = self.cache.get(d)
         if cached is not None:
-            return pl.read_parquet(cached.path)
+            return cached
         raw = pl.read_parquet(part.path, columns=[KEY_COL, *present])
         prepared = stage.prepare(raw.drop(KEY_COL))
         if prepared.height != raw.height:
             raise RunFailed(f"stage {stage.name!r}: prepare() returned {prepared.height} rows for {raw.height}")
-        out = pl.concat([raw.select(KEY_COL), prepared], how="horizontal")
-        self.cache.put(d, out)
-        return out
+        return self.cache.put(d, pl.concat([raw.select(KEY_COL), prepared], how="horizontal"))
 
     def _set_stage(
         self, stage: SetStage, store: StageStore, fp: str, parts: list[Part], st: StageStats, plan: bool,
@@ -472,19 +469,27 @@ class Runner:
             return [], []
         schema = scan_parts(parts).collect_schema()
         present = [c for c in stage.input_columns() if c in schema]
-        frames = [self._set_input(stage, fp, p, present).with_columns(pl.lit(j, dtype=pl.Int32).alias("_part")) for j, p in enumerate(parts)]
-        df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-        del frames
+        if stage.prepares():
+            prepared = [self._prepared(stage, fp, p, present) for p in parts]
+            df = read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)))
+        else:
+            frames = [pl.read_parquet(p.path, columns=[KEY_COL, *present]) for p in parts]
+            df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+            del frames
+        # rows stay in part order: part j is rows [bounds[j], bounds[j + 1])
+        bounds = np.concatenate([[0], np.cumsum([p.rows for p in parts])]).tolist()
+        if bounds[-1] != df.height:
+            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
         st.rows_in = st.keys = df.height
-        digest = frame_digest(df.drop("_part"))
+        digest = frame_digest(df)
         decision = store.load_decision(digest)
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
             decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None
         if decision is None:
             st.to_compute = df.height
             t0 = time.perf_counter()
-            decision = stage.decide(df.drop("_part"))
+            decision = stage.decide(df)
             if DROP_COL not in decision.columns:
                 decision = decision.with_columns(pl.lit(None, dtype=pl.String).alias(DROP_COL))
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
@@ -499,21 +504,21 @@ class Runner:
             st.cached = df.height
         missing_note = f"{stage.name}: not selected"
         if decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL]):  # a row per input row, in order
-            full = pl.concat([df.select("_part"), decision], how="horizontal")
+            full = decision
         else:
-            full = df.select(KEY_COL, "_part").join(decision, on=KEY_COL, how="left", maintain_order="left")
+            full = df.select(KEY_COL).join(decision, on=KEY_COL, how="left", maintain_order="left")
+            if full.height != df.height:
+                raise RunFailed(f"stage {stage.name!r}: decide() returned a key more than once")
             decided = df.select(KEY_COL).join(decision.select(KEY_COL), on=KEY_COL, how="semi")
             if decided.height < df.height:
                 has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
                 full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
         del df
-        by_part = full.partition_by("_part", maintain_order=True, include_key=False, as_dict=True)
-        empty = full.head(0).drop("_part")
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
         out: list[Part] = []
         rej: list[Part] = []
         for j, p in enumerate(parts):
-            sub = by_part.get((j,), empty)
+            sub = full.slice(bounds[j], bounds[j + 1] - bounds[j])
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             cached = self.cache.get(d)
             if cached is not None:

@@ -73,7 +73,9 @@ def _parquet_bytes(table: pa.Table, compression: str, **kw: Any) -> bytes:
     return buf.getvalue()
 
 
-def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bool) -> None:
+def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bool, durable: bool = True) -> None:
+    """Write ``data`` so that ``path`` appears whole or not at all (``durable``: fsync before the
+    rename, so it also survives a power loss; caches that can be recomputed skip that)."""
     parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
     if local:
         os.makedirs(parent or ".", exist_ok=True)
@@ -81,8 +83,9 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bo
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -105,11 +108,11 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bo
         raise
 
 
-def write_parquet_atomic(df: pl.DataFrame | pa.Table, url: str, compression: str = "zstd", **kw: Any) -> None:
+def write_parquet_atomic(df: pl.DataFrame | pa.Table, url: str, compression: str = "zstd", durable: bool = True, **kw: Any) -> None:
     """Write a Parquet file so that it appears at ``url`` whole or not at all."""
     table = df.to_arrow() if isinstance(df, pl.DataFrame) else df
     fs, path = _fs(url)
-    _put_atomic(fs, path, _parquet_bytes(table, compression, **kw), is_local(url))
+    _put_atomic(fs, path, _parquet_bytes(table, compression, **kw), is_local(url), durable)
 
 
 def write_text_atomic(text: str, url: str) -> None:
@@ -285,7 +288,8 @@ class StageStore:
         """Save a decision; on a local store only the newest ``KEEP_DECISIONS`` are kept (every
         append makes a new input, hence a new decision, and old ones would pile up)."""
         self.ensure()
-        write_parquet_atomic(df, self.decision_url(digest))
+        # a cache (recomputable): no fsync; plain encoding (dictionaries cost more than they save here)
+        write_parquet_atomic(df, self.decision_url(digest), durable=False, use_dictionary=False)
         if self.local:
             old = sorted(Path(self.path).glob("set-*.parquet"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
             for p in old[KEEP_DECISIONS:]:

@@ -174,16 +174,7 @@ class Dedup(SetStage):
         df = df.sort(ORDER_COL)
         t0 = time.perf_counter()
         if p.method == "exact" and p.keep == "first":  # the common case, vectorized: first of each hash group
-            h1, h2 = (pl.col(c) for c in NORM_HASH)
-            # group by the first 64-bit half (fast); the 128-bit pair only if two texts share a half
-            collide = bool(df.select((h2 != h2.first().over(h1)).any()).item()) if df.height else False
-            group: pl.Expr = pl.struct(*NORM_HASH) if collide else h1
-            dup = ~group.is_first_distinct()
-            return df.select(
-                KEY_COL,
-                pl.when(dup).then(pl.lit(f"dedup:{p.method}")).otherwise(None).cast(pl.String).alias(DROP_COL),
-                pl.when(dup).then(pl.col(KEY_COL).first().over(group)).otherwise(None).alias(DUP_OF),
-            )
+            return self._exact_first(df)
         if p.method == "exact":
             labels = (
                 df.select(pl.struct(*NORM_HASH).rank("dense")).to_series().cast(pl.Int64).to_numpy()
@@ -199,6 +190,23 @@ class Dedup(SetStage):
         self._last["decide_s"] = round(time.perf_counter() - t0, 3)
         self._last["dropped"] = int(out[DROP_COL].is_not_null().sum())
         return out
+
+    def _exact_first(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Keep the first row (in ``_ord`` order) of each normalized-text hash group.
+
+        Groups on the first 64-bit half (fast); should two texts share it while their second
+        halves differ, it groups on the full 128 bits instead."""
+        idx = df.select(*NORM_HASH).with_row_index("_i")
+        first = idx.select(pl.col("_i").first().over(NORM_HASH[0]).alias("_f"))["_f"]
+        h2 = df[NORM_HASH[1]]
+        if df.height and bool((h2.gather(first) != h2).any()):
+            first = idx.select(pl.col("_i").first().over(pl.struct(*NORM_HASH)).alias("_f"))["_f"]
+        dup = pl.col("_f") != pl.int_range(pl.len(), dtype=pl.UInt32)
+        return df.select(KEY_COL, first).select(
+            KEY_COL,
+            pl.when(dup).then(pl.lit(f"dedup:{self.params.method}")).otherwise(None).cast(pl.String).alias(DROP_COL),
+            pl.when(dup).then(pl.col(KEY_COL).gather(pl.col("_f"))).otherwise(None).alias(DUP_OF),
+        )
 
     def _numbers_ok(self, df: pl.DataFrame, pairs: np.ndarray) -> np.ndarray:
         from tracepipe.text.normalize import numbers_in

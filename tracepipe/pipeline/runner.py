@@ -320,7 +320,6 @@ class Runner:
             if missing.height and not plan:
                 errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             st.error_keys = errors.height
-            res = store.scan()
             group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
             quar_frames: list[pl.LazyFrame] = []
             # join the parts with the results, a group of parts at a time (bounded memory)
@@ -332,10 +331,8 @@ class Runner:
                 if rows < group_cap and n < len(todo) - 1:
                     continue
                 # the store's results for this group's keys, read once (not once per part)
-                mine = None
-                if res is not None:
-                    group_keys = pl.concat([keys[jj] for jj in group]).unique().lazy()
-                    mine = res.join(group_keys, on=IN_KEY_COL, how="semi", maintain_order="left").collect()
+                lf = store.scan(keys=pl.concat([keys[jj] for jj in group]).unique().lazy())
+                mine = lf.collect() if lf is not None else None
                 for jj in group:
                     kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], mine, errors, digests[jj], plan)
                     out[jj] = kept

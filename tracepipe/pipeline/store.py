@@ -248,11 +248,12 @@ class StageStore:
         pairs = self._map(size_rows, parts)
         return sum(b for b, _ in pairs) / max(1, sum(n for _, n in pairs))
 
-    def scan(self, schema_hint: dict[str, pl.DataType] | None = None) -> pl.LazyFrame | None:
+    def scan(self, schema_hint: dict[str, pl.DataType] | None = None, keys: pl.LazyFrame | None = None) -> pl.LazyFrame | None:
         """All committed rows, lazily; duplicates of (``_in_key``, ``_idx``) dropped (oldest kept).
 
         Parts whose schema differs (a column all null in one batch, say) are combined with
-        relaxed types.
+        relaxed types. ``keys`` (a frame with ``_in_key``) keeps only those keys' rows, before
+        the duplicate check, so a lookup of a few keys does not deduplicate the whole store.
         """
         parts = self.parts()
         if not parts:
@@ -268,6 +269,8 @@ class StageStore:
                 groups.append((schema, [path]))
         frames = [self._scan_group(paths) for _, paths in groups]
         lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+        if keys is not None:
+            lf = lf.join(keys.select(IN_KEY_COL), on=IN_KEY_COL, how="semi", maintain_order="left")
         return lf.unique(subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True)
 
     # -- set-stage decisions -------------------------------------------------------------------

@@ -432,7 +432,9 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
     if not parts:
         raise SourceError("source: no rows")
     keys = read_parts(parts, [KEY_COL])
-    if keys[KEY_COL].is_duplicated().any():
+    # repeated keys are rare: look for repeated 64-bit hashes first (cheap), compare the strings
+    # only when there are some
+    if keys[KEY_COL].hash(seed=0x51).is_duplicated().any() and keys[KEY_COL].is_duplicated().any():
         occ = keys.select(pl.int_range(pl.len()).over(KEY_COL).alias("occ"))["occ"]
         bounds = [0]
         for p in parts:

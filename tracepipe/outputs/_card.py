@@ -289,7 +289,8 @@ def summarize(
         "difficulty": difficulty_stats(final),
         "lengths": lengths,
         "decontamination": [s for s in stages if s["name"] == "decontaminate"],
-        "contamination_by_benchmark": contamination_by_benchmark(rejects),
+        # only a decontaminate stage writes these columns: without one, no rejects file to open
+        "contamination_by_benchmark": contamination_by_benchmark(rejects) if any(s["name"] == "decontaminate" for s in stages) or stats is None else {},
         "compression": [s for s in stages if s["name"] == "compress"],
         "logprobs": [
             {k: (s.get("extra") or {}).get(k) for k in ("logprobs_teacher", "teacher_consistency", "allow_teacher_mismatch", "teacher_mismatch_rows")}

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracepipe.outputs._writer import write_output
@@ -61,6 +62,8 @@ RUNTIME_COLS = (KEY_COL, PARENT_COL)
 #: per group, and a group's results (estimated at 4x their stored size) stay under the bytes cap
 JOIN_GROUP_ROWS = 50_000
 JOIN_GROUP_BYTES = 256 << 20
+#: a row stage's missing rows stay in memory up to this size, then spill to a scratch file
+TODO_MEMORY_BYTES = 64 << 20
 RUNNER_VERSION = "2"
 
 
@@ -312,7 +315,18 @@ class Runner:
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
-            missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
+            group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
+            # few rows to join (a rerun after an append): read the committed results for all of
+            # them once, up front; what is missing from them is what to compute
+            found: pl.DataFrame | None = None
+            before: set[str] = set()
+            if sum(parts[j].rows for j in todo) <= group_cap:
+                before = set(store.parts())
+                lf = store.scan(keys=all_keys.lazy())
+                found = lf.collect() if lf is not None else all_keys.head(0)
+                missing = all_keys.join(found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
+            else:
+                missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
             st.keys = all_keys.height
             st.to_compute = missing.height
             miss = missing[IN_KEY_COL].implode()
@@ -320,7 +334,6 @@ class Runner:
             if missing.height and not plan:
                 errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             st.error_keys = errors.height
-            group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
             quar_frames: list[pl.LazyFrame] = []
             # join the parts with the results, a group of parts at a time (bounded memory)
             group: list[int] = []
@@ -330,9 +343,16 @@ class Runner:
                 rows += parts[j].rows
                 if rows < group_cap and n < len(todo) - 1:
                     continue
-                # the store's results for this group's keys, read once (not once per part)
-                lf = store.scan(keys=pl.concat([keys[jj] for jj in group]).unique().lazy())
-                mine = lf.collect() if lf is not None else None
+                if found is not None:  # one group: the results found up front + this run's commits
+                    new_parts = [p for p in store.parts() if p not in before]
+                    lf = store.scan(keys=missing.lazy(), only=new_parts) if new_parts and missing.height else None
+                    mine = found if lf is None else pl.concat([found, lf.collect()], how="diagonal_relaxed").unique(
+                        subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True)
+                    if IDX_COL not in mine.columns:
+                        mine = None
+                else:  # the store's results for this group's keys, read once (not once per part)
+                    lf = store.scan(keys=pl.concat([keys[jj] for jj in group]).unique().lazy())
+                    mine = lf.collect() if lf is not None else None
                 for jj in group:
                     kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], mine, errors, digests[jj], plan)
                     out[jj] = kept
@@ -355,9 +375,15 @@ class Runner:
         self, stage: RowStage, store: StageStore, parts: list[Part], keys: dict[int, pl.DataFrame],
         missing: pl.DataFrame, run_dir: Path, tag: str, st: StageStats, prog: Progress,
     ) -> pl.DataFrame:
-        """Gather the missing rows (columns the stage reads, one row per key) and process them."""
+        """Gather the missing rows (columns the stage reads, one row per key) and process them.
+
+        The rows are kept in memory while they are small (``TODO_MEMORY_BYTES``), else spilled
+        to a scratch Parquet file that is read back batch by batch."""
         todo_path = run_dir / f"{tag}.todo.parquet"
         writer = None
+        held: list[pa.Table] = []
+        held_bytes = 0
+        schema: pa.Schema | None = None
         want = set(missing[IN_KEY_COL].to_list())
         for p, k in zip(parts, keys.values()):
             names = pq.read_schema(p.path).names
@@ -368,29 +394,43 @@ class Runner:
             if not df.height:
                 continue
             want.difference_update(df[IN_KEY_COL].to_list())
-            df = df.select(IN_KEY_COL, *cols)
-            table = df.to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(todo_path, table.schema, compression="lz4")
+            table = df.select(IN_KEY_COL, *cols).to_arrow()
+            if schema is None:
                 schema = table.schema
             elif table.schema != schema:
                 table = table.cast(schema) if set(table.schema.names) == set(schema.names) else table
-            writer.write_table(table.select(schema.names))
-        if writer is None:
+            held.append(table.select(schema.names))
+            held_bytes += table.nbytes
+            if held_bytes > TODO_MEMORY_BYTES or writer is not None:
+                if writer is None:
+                    writer = pq.ParquetWriter(todo_path, schema, compression="lz4")
+                for t in held:
+                    writer.write_table(t)
+                held = []
+        if schema is None:
             return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
+        if writer is None:
+            return self._process(stage, store, pa.concat_tables(held), st, prog)
         writer.close()
         errors = self._process(stage, store, todo_path, st, prog)
         todo_path.unlink()
         return errors
 
-    def _process(self, stage: RowStage, store: StageStore, todo: Path, st: StageStats, prog: Progress) -> pl.DataFrame:
-        pf = pq.ParquetFile(todo)
+    def _process(self, stage: RowStage, store: StageStore, todo: Path | pa.Table, st: StageStats, prog: Progress) -> pl.DataFrame:
         bs = stage.rows_per_batch()
-        task = prog.task(f"{stage.name}", pf.metadata.num_rows)
+        if isinstance(todo, pa.Table):
+            table = todo
+            total = table.num_rows
+            arrow_batches: Iterator[pa.RecordBatch] = iter(table.to_batches(max_chunksize=bs))
+        else:
+            pf = pq.ParquetFile(todo)
+            total = pf.metadata.num_rows
+            arrow_batches = pf.iter_batches(batch_size=bs, use_threads=False)
+        task = prog.task(f"{stage.name}", total)
         t0 = time.perf_counter()
 
         def batches() -> Iterator[pl.DataFrame]:
-            for b in pf.iter_batches(batch_size=bs, use_threads=False):
+            for b in arrow_batches:
                 df = pl.from_arrow(b)
                 assert isinstance(df, pl.DataFrame)
                 yield df

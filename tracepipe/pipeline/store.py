@@ -248,14 +248,17 @@ class StageStore:
         pairs = self._map(size_rows, parts)
         return sum(b for b, _ in pairs) / max(1, sum(n for _, n in pairs))
 
-    def scan(self, schema_hint: dict[str, pl.DataType] | None = None, keys: pl.LazyFrame | None = None) -> pl.LazyFrame | None:
+    def scan(
+        self, schema_hint: dict[str, pl.DataType] | None = None, keys: pl.LazyFrame | None = None, only: list[str] | None = None,
+    ) -> pl.LazyFrame | None:
         """All committed rows, lazily; duplicates of (``_in_key``, ``_idx``) dropped (oldest kept).
 
         Parts whose schema differs (a column all null in one batch, say) are combined with
         relaxed types. ``keys`` (a frame with ``_in_key``) keeps only those keys' rows, before
         the duplicate check, so a lookup of a few keys does not deduplicate the whole store.
+        ``only`` restricts the scan to those parts (paths as :meth:`parts` names them).
         """
-        parts = self.parts()
+        parts = self.parts() if only is None else [p for p in self.parts() if p in set(only)]
         if not parts:
             return None
         # consecutive parts with one schema are scanned together (the common case: one scan for

@@ -520,7 +520,15 @@ class Runner:
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
         st.rows_in = st.keys = df.height
         digest = frame_digest(df)
-        decision = store.load_decision(digest)
+        # the same input as the last run, whose output parts are all still cached: nothing to do
+        last_name = f"set-last-{stage.name}-{fp}"
+        last = self.cache.get_meta(last_name) or {}
+        if last.get("input") == digest and len(last.get("out") or []) == len(parts):
+            reused = self._reuse_set_parts(last)
+            if reused is not None:
+                st.cached = df.height
+                return reused
+        decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
             decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None
         if decision is None:
@@ -532,7 +540,7 @@ class Runner:
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
             st.compute_seconds = time.perf_counter() - t0
             st.computed = 0 if plan else df.height
-            if not plan:
+            if not plan and stage.caches_decision():
                 aligned = decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL])
                 # a decision with a row per input row, in order, is saved without its keys (the
                 # input, which the digest covers, has them)
@@ -554,9 +562,11 @@ class Runner:
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
         out: list[Part] = []
         rej: list[Part] = []
+        made: list[str] = []
         for j, p in enumerate(parts):
             sub = full.slice(bounds[j], bounds[j + 1] - bounds[j])
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
+            made.append(d)
             cached = self.cache.get(d)
             if cached is not None:
                 if cached.rows:
@@ -575,6 +585,25 @@ class Runner:
             part = self.cache.put(d, kept.select(_data_then_runtime(kept.schema)), {"dropped": drops})
             if part.rows:
                 out.append(part)
+        if not plan:
+            self.cache.put_meta(last_name, {"input": digest, "out": made})
+        return out, rej
+
+    def _reuse_set_parts(self, last: dict[str, Any]) -> tuple[list[Part], list[Part]] | None:
+        """The output (and reject) parts a set stage made last time, or None if one is gone."""
+        out: list[Part] = []
+        rej: list[Part] = []
+        for d in last["out"]:
+            part = self.cache.get(d)
+            if part is None:
+                return None
+            if part.rows:
+                out.append(part)
+            if part.meta.get("dropped"):
+                r = self.cache.get(d + "-rej")
+                if r is None:
+                    return None
+                rej.append(r)
         return out, rej
 
     # -- bookkeeping ---------------------------------------------------------------------------

@@ -210,6 +210,11 @@ class SetStage(Stage):
         """Whether :meth:`prepare` reduces the input columns (the runner then caches it per part)."""
         return False
 
+    def caches_decision(self) -> bool:
+        """Whether the runner stores decisions by input digest (False when deciding again costs
+        less than writing and reading the decision back)."""
+        return True
+
     def prepare(self, df: pl.DataFrame) -> pl.DataFrame:
         """Row-local, deterministic reduction of the input columns (same rows, same order).
 

@@ -150,6 +150,10 @@ class Dedup(SetStage):
     def prepares(self) -> bool:
         return self.params.method == "exact"
 
+    def caches_decision(self) -> bool:
+        """``exact`` decides from the prepared hashes faster than its decision saves and loads."""
+        return self.params.method != "exact"
+
     def prepare(self, df: pl.DataFrame) -> pl.DataFrame:
         """``exact``: the normalized text's 128-bit hash (two seeded 64-bit halves) instead of the
         text, so the decision reads 16 bytes a row and a rerun hashes only new parts."""
@@ -157,7 +161,7 @@ class Dedup(SetStage):
             return df
         self._check_columns(df)
         p = self.params
-        norm = normalized(p.field, p.ignore_punctuation)
+        norm = df.select(normalized(p.field, p.ignore_punctuation).alias("_n"))["_n"]  # once, hashed twice
         cols = [norm.hash(seed=0x7A1).alias(NORM_HASH[0]), norm.hash(seed=0x3C5).alias(NORM_HASH[1])]
         if p.keep in ("shortest", "longest"):
             cols.append(pl.col(p.field).cast(pl.String).str.len_chars().fill_null(0).alias(TEXT_LEN))

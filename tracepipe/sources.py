@@ -431,10 +431,8 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
             parts.append(part)
     if not parts:
         raise SourceError("source: no rows")
-    keys = read_parts(parts, [KEY_COL])
-    # repeated keys are rare: look for repeated 64-bit hashes first (cheap), compare the strings
-    # only when there are some
-    if keys[KEY_COL].hash(seed=0x51).is_duplicated().any() and keys[KEY_COL].is_duplicated().any():
+    if _keys_repeat(parts, cache):
+        keys = read_parts(parts, [KEY_COL])
         occ = keys.select(pl.int_range(pl.len()).over(KEY_COL).alias("occ"))["occ"]
         bounds = [0]
         for p in parts:
@@ -456,6 +454,42 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
             fixed.append(part)
         parts = fixed
     return parts
+
+
+def _keys_repeat(parts: list[Any], cache: Any) -> bool:
+    """Whether a ``_key`` occurs twice among the parts.
+
+    Repeats are rare, so this looks for repeated 64-bit key hashes, and compares strings only
+    when some hash repeats. The sorted hashes of the last check are kept in the cache: when
+    this run's parts extend that run's (an append), only the new parts' keys are read.
+    """
+    import numpy as np
+
+    from tracepipe.pipeline.frames import read_parts
+
+    def hashes(ps: list[Any]) -> np.ndarray:
+        return read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).to_numpy()
+
+    name = f"source-key-hashes-{SOURCE_VERSION}"
+    last = cache.get_meta(name) or {}
+    cur = [p.digest for p in parts]
+    old_parts = list(last.get("parts") or [])
+    old = cache.get(last["hashes"]) if last.get("hashes") and last.get("polars") == pl.__version__ else None
+    if old is not None and old_parts and cur[: len(old_parts)] == old_parts:
+        prev = pl.read_parquet(old.path)["h"].to_numpy()
+        new = hashes(parts[len(old_parts):]) if len(parts) > len(old_parts) else np.zeros(0, dtype=np.uint64)
+        pos = np.searchsorted(prev, new).clip(max=max(0, len(prev) - 1))
+        clash = bool(len(prev) and (prev[pos] == new).any()) or len(np.unique(new)) < len(new)
+        merged = np.sort(np.concatenate([prev, new]))
+    else:
+        merged = np.sort(hashes(parts))
+        clash = bool(len(merged) > 1 and (merged[1:] == merged[:-1]).any())
+    if clash:
+        return True
+    if cur != old_parts or old is None:
+        part = cache.put(digest_of(name, cur, pl.__version__), pl.DataFrame({"h": merged}))
+        cache.put_meta(name, {"parts": cur, "hashes": part.digest, "polars": pl.__version__})
+    return False
 
 
 def load_sources(specs: list[Any], base: Path) -> pl.DataFrame:

@@ -236,7 +236,7 @@ class Runner:
                         rejects.append((tag, rej))
                         st.rows_out = sum(p.rows for p in parts)
                         st.dropped = _reasons([p.meta for p in rej])
-                        if parts:
+                        if parts and type(stage).summarize is not Stage.summarize:
                             st.extra.update(stage.summarize(scan_parts(parts)))
                         st.seconds = time.perf_counter() - t_stage
                         pending = pending or st.to_compute > 0
@@ -299,6 +299,7 @@ class Runner:
         rej: list[Part] = []
         todo: list[int] = []
         digests = [digest_of(RUNNER_VERSION, "row", p.digest, fp) for p in parts]
+        st.parts = len(parts)
         for j, (p, d) in enumerate(zip(parts, digests)):
             st.rows_in += p.rows
             cached = self.cache.get(d)
@@ -308,6 +309,7 @@ class Runner:
                 continue
             out.append(cached)
             st.cached += p.rows
+            st.parts_reused += 1
             r = self.cache.get(d + "-rej")
             if r is not None:
                 rej.append(r)
@@ -388,7 +390,7 @@ class Runner:
         for p, k in zip(parts, keys.values()):
             names = pq.read_schema(p.path).names
             cols = [c for c in stage.input_columns() if c in names]
-            df = (pl.read_parquet(p.path, columns=cols) if cols else pl.DataFrame()).with_columns(k[IN_KEY_COL])
+            df = pl.read_parquet(p.path, columns=cols).with_columns(k[IN_KEY_COL]) if cols else k.select(IN_KEY_COL)
             df = df.filter(pl.col(IN_KEY_COL).is_in(pl.Series(list(want), dtype=pl.String).implode()))
             df = df.unique(IN_KEY_COL, keep="first", maintain_order=True)
             if not df.height:
@@ -504,6 +506,7 @@ class Runner:
     ) -> tuple[list[Part], list[Part]]:
         if not parts:
             return [], []
+        st.parts = len(parts)
         schema = scan_parts(parts).collect_schema()
         present = [c for c in stage.input_columns() if c in schema]
         if stage.prepares():
@@ -527,6 +530,7 @@ class Runner:
             reused = self._reuse_set_parts(last)
             if reused is not None:
                 st.cached = df.height
+                st.parts_reused = len(parts)
                 return reused
         decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
@@ -569,6 +573,7 @@ class Runner:
             made.append(d)
             cached = self.cache.get(d)
             if cached is not None:
+                st.parts_reused += 1
                 if cached.rows:
                     out.append(cached)
                 r = self.cache.get(d + "-rej")

@@ -19,6 +19,8 @@ class StageStats:
     computed: int = 0  # keys processed in this run
     to_compute: int = 0  # plan: keys missing from the store
     upstream_pending: bool = False  # plan: an earlier stage still has work, so counts are partial
+    parts: int = 0  # frame parts in
+    parts_reused: int = 0  # of them, parts whose output came from the frame cache (no work)
     dropped: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # rows quarantined
     error_keys: int = 0  # distinct row keys that failed

@@ -460,15 +460,13 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     """Whether a ``_key`` occurs twice among the parts.
 
     Repeats are rare, so this looks for repeated 64-bit key hashes, and compares strings only
-    when some hash repeats. The sorted hashes of the last check are kept in the cache: when
-    this run's parts extend that run's (an append), only the new parts' keys are read.
+    when some hash repeats. The hashes of the last check are kept in the cache: when this run's
+    parts extend that run's (an append), only the new parts' keys are read.
     """
-    import numpy as np
-
     from tracepipe.pipeline.frames import read_parts
 
-    def hashes(ps: list[Any]) -> np.ndarray:
-        return read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).to_numpy()
+    def hashes(ps: list[Any]) -> pl.Series:
+        return read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).alias("h")
 
     name = f"source-key-hashes-{SOURCE_VERSION}"
     last = cache.get_meta(name) or {}
@@ -476,19 +474,19 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     old_parts = list(last.get("parts") or [])
     old = cache.get(last["hashes"]) if last.get("hashes") and last.get("polars") == pl.__version__ else None
     if old is not None and old_parts and cur[: len(old_parts)] == old_parts:
-        prev = pl.read_parquet(old.path)["h"].to_numpy()
-        new = hashes(parts[len(old_parts):]) if len(parts) > len(old_parts) else np.zeros(0, dtype=np.uint64)
-        pos = np.searchsorted(prev, new).clip(max=max(0, len(prev) - 1))
-        clash = bool(len(prev) and (prev[pos] == new).any()) or len(np.unique(new)) < len(new)
-        merged = np.sort(np.concatenate([prev, new]))
+        prev = pl.read_parquet(old.path)["h"]
+        if len(parts) == len(old_parts):
+            return False  # checked last run
+        new = hashes(parts[len(old_parts):])
+        if new.is_duplicated().any() or new.is_in(prev.implode()).any():
+            return True
+        merged = pl.concat([prev, new])
     else:
-        merged = np.sort(hashes(parts))
-        clash = bool(len(merged) > 1 and (merged[1:] == merged[:-1]).any())
-    if clash:
-        return True
-    if cur != old_parts or old is None:
-        part = cache.put(digest_of(name, cur, pl.__version__), pl.DataFrame({"h": merged}))
-        cache.put_meta(name, {"parts": cur, "hashes": part.digest, "polars": pl.__version__})
+        merged = hashes(parts)
+        if merged.is_duplicated().any():
+            return True
+    part = cache.put(digest_of(name, cur, pl.__version__), merged.to_frame())
+    cache.put_meta(name, {"parts": cur, "hashes": part.digest, "polars": pl.__version__})
     return False
 
 

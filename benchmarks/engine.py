@@ -11,7 +11,11 @@ reported apart as ``import_s``. Printed as JSON:
 - the same work in plain polars (the raw library, no store / resume) for comparison;
 - an incremental rerun after adding 1% new rows (wall time as a share of the full run).
 
-    python benchmarks/engine.py [--rows 100000] [--small 10000]
+Each measurement is taken ``--repeats`` times (default 3; every full run starts from an empty
+workdir, every incremental run from a copy of the state a full run left) and the median run is
+reported, with all wall times and the highest peak RSS.
+
+    python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,10 +131,25 @@ def spawn(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time, plus every run's wall time and the highest peak RSS."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    mid = dict(ordered[len(ordered) // 2])
+    mid["walls_s"] = [r["wall_s"] for r in runs]
+    mid["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return mid
+
+
+def fresh(d: Path) -> None:
+    for name in ("work", "out", "raw-out"):
+        shutil.rmtree(d / name, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--small", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -137,7 +157,10 @@ def main() -> None:
         res = child_tracepipe(rest[0]) if kind == "tracepipe" else child_polars(rest[0], rest[1])
         print(json.dumps(res))
         return
-    result: dict = {"data": f"GSM8K train replicated to N rows with distinct ids (replicas suffixed '(variant k)'; every 10th row an exact duplicate); stages: exact dedup -> filter[{WHERE}] -> sft-messages"}
+    result: dict = {
+        "data": f"GSM8K train replicated to N rows with distinct ids (replicas suffixed '(variant k)'; every 10th row an exact duplicate); stages: exact dedup -> filter[{WHERE}] -> sft-messages",
+        "repeats": a.repeats,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for n in (a.small, a.rows):
             d = Path(tmp) / f"n{n}"
@@ -145,15 +168,29 @@ def main() -> None:
             src = d / "src.jsonl"
             write_jsonl(src, make_rows(n))
             recipe = write_recipe(d, src)
-            full = spawn("tracepipe", str(recipe))
+            fulls, raws = [], []
+            for _ in range(a.repeats):  # each a first run: empty workdir, no output yet
+                fresh(d)
+                fulls.append(spawn("tracepipe", str(recipe)))
+                raws.append(spawn("polars", str(src), str(d / "raw-out")))
+            full, raw = median_run(fulls), median_run(raws)
             full["rows_per_s"] = round(n / full["wall_s"], 1)
-            raw = spawn("polars", str(src), str(d / "raw-out"))
             raw["rows_per_s"] = round(n / raw["wall_s"], 1)
             entry = {"tracepipe_full": full, "polars_raw": raw, "tracepipe_vs_polars_wall": round(full["wall_s"] / raw["wall_s"], 2)}
             if n == a.rows:
+                # the state a full run left, restored before each incremental run
+                state = Path(tmp) / "state"
+                for name in ("work", "out"):
+                    shutil.copytree(d / name, state / name, symlinks=True)
                 extra = make_rows(n // 100, start=10_000_000)
                 write_jsonl(src, make_rows(n) + extra)
-                inc = spawn("tracepipe", str(recipe))
+                incs = []
+                for _ in range(a.repeats):
+                    fresh(d)
+                    for name in ("work", "out"):
+                        shutil.copytree(state / name, d / name, symlinks=True)
+                    incs.append(spawn("tracepipe", str(recipe)))
+                inc = median_run(incs)
                 entry["tracepipe_incremental_1pct"] = inc
                 entry["incremental_wall_share_of_full"] = round(inc["wall_s"] / full["wall_s"], 3)
             result[f"n={n}"] = entry

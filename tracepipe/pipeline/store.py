@@ -132,10 +132,12 @@ class StageStore:
         self.local = is_local(self.root)
         self._meta = meta
         self._ensured = False
+        self._footers: dict[str, tuple[pa.Schema, int, int]] = {}  # parts are immutable: read once
 
     def __getstate__(self) -> dict[str, Any]:  # fsspec filesystems re-created where unpickled
         state = dict(self.__dict__)
         state.pop("fs", None)
+        state["_footers"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -218,11 +220,21 @@ class StageStore:
         _put_atomic(self.fs, f"{self.path}/{name}", _parquet_bytes(df.to_arrow(), "zstd"), self.local)
         return url
 
+    def _footer(self, path: str) -> tuple[pa.Schema, int, int]:
+        """(Arrow schema, rows, bytes) of a committed part, from its footer (cached: parts never change)."""
+        if path not in self._footers:
+            if self.local:
+                md = pq.read_metadata(path)
+                size = os.path.getsize(path)
+            else:
+                with self.fs.open(path, "rb") as fh:
+                    md = pq.read_metadata(fh)
+                size = int(self.fs.size(path))
+            self._footers[path] = (md.schema.to_arrow_schema(), md.num_rows, size)
+        return self._footers[path]
+
     def _read_schema(self, path: str) -> pa.Schema:
-        if self.local:
-            return pq.read_schema(path)
-        with self.fs.open(path, "rb") as fh:
-            return pq.read_schema(fh)
+        return self._footer(path)[0]
 
     def _scan_group(self, paths: list[str]) -> pl.LazyFrame:
         if self.local:
@@ -238,15 +250,8 @@ class StageStore:
         parts = self.parts()
         if not parts:
             return 0.0
-
-        def size_rows(path: str) -> tuple[int, int]:
-            if self.local:
-                return os.path.getsize(path), pq.read_metadata(path).num_rows
-            with self.fs.open(path, "rb") as fh:
-                return int(self.fs.size(path)), pq.read_metadata(fh).num_rows
-
-        pairs = self._map(size_rows, parts)
-        return sum(b for b, _ in pairs) / max(1, sum(n for _, n in pairs))
+        footers = self._map(self._footer, parts)
+        return sum(f[2] for f in footers) / max(1, sum(f[1] for f in footers))
 
     def scan(
         self, schema_hint: dict[str, pl.DataType] | None = None, keys: pl.LazyFrame | None = None, only: list[str] | None = None,

@@ -8,8 +8,9 @@ Rows in flight are *frames*: ordered lists of immutable Parquet parts, content-a
   ``_in_key``, anti-joins those keys with the stage's store, hands only the missing rows (in
   batches) to the executor, which commits a store part per batch, then joins each input part with
   the store results to make its output part;
-- a **set stage** reads only its columns over all parts, decides (or reuses the decision cached
-  for exactly this input), and rewrites only the parts whose share of the decision changed.
+- a **set stage** reads only its columns over all parts (or their ``prepare()``-d form, cached per
+  part: exact dedup reads two 64-bit hashes, not the text), decides (or reuses what it made for
+  exactly this input last run), and rewrites only the parts whose share of the decision changed.
 
 So a rerun does work in proportion to what changed: an appended JSONL chunk becomes one new part
 that flows through every stage; everything else is found in the cache. Memory is bounded by a

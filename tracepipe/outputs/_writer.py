@@ -10,8 +10,10 @@ One ``outputs[i]`` entry becomes, under its ``path``::
     stats.json, output.json               run stats and what was written (local bookkeeping)
     dataset_info.json                     sharegpt only: the LLaMA-Factory entry
 
-The formatted rows are streamed once to a staging file, then cut per split into shards, so memory
-stays bounded by a row group. Row groups hold ``row_group_rows`` rows, fewer when rows are wide
+Row-local formats are applied one frame part at a time and streamed into the shards (memory holds
+a part); formats that pair rows, and curriculum order, go through one staged scratch file. An
+appending rerun (the last write's parts are a prefix of this run's, same layout) keeps the old
+shards byte for byte and writes only the new rows, as new shards (:func:`_append_plan`). Row groups hold ``row_group_rows`` rows, fewer when rows are wide
 (at most ~64 MiB of Arrow data per group), so streaming readers (``datasets`` streaming, the Hub
 viewer) fetch small pieces. Shards fill up greedily to ``shard_size_mb`` in row order and are
 written with content-defined chunking and a page index: the same rows give byte-identical files,

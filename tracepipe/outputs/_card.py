@@ -88,7 +88,9 @@ def _bytecode_cache() -> Any:
     for root in (os.path.join(base, "tracepipe", "jinja"), os.path.join(tempfile.gettempdir(), f"tracepipe-jinja-{os.getuid()}")):
         try:
             os.makedirs(root, mode=0o700, exist_ok=True)
-            if os.access(root, os.W_OK):
+            st = os.stat(root)
+            # compiled code is loaded from here: only a directory of ours that no one else can write
+            if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(root, os.W_OK):
                 return jinja2.FileSystemBytecodeCache(root)
         except OSError:
             continue

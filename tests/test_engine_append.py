@@ -92,7 +92,7 @@ def test_appended_rows_flow_alone_and_output_appends(tmp_path: Path) -> None:
     assert second["stages"][1]["computed"] == sum(1 for r in rows[3000:] if r["question"] not in {x["question"] for x in rows[:3000]})
 
     info = json.loads((d / "out" / "output.json").read_text())
-    assert info["appended"] is True
+    assert info["appended"] is True and (info["shards_kept"], info["shards_written"]) == (1, 1)
     shards = _shards(d / "out")
     assert len(shards) == len(old_shards) + 1
     assert [p.name for p in shards] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
@@ -114,6 +114,8 @@ def test_appended_rows_flow_alone_and_output_appends(tmp_path: Path) -> None:
     third = _run(recipe)
     assert all(s["computed"] == 0 and s["parts_reused"] == s["parts"] for s in third["stages"]), third["stages"]
     assert [(p.name, _sha(p)) for p in _shards(d / "out")] == before
+    info = json.loads((d / "out" / "output.json").read_text())
+    assert (info["shards_kept"], info["shards_written"]) == (2, 0)
 
 
 def test_appends_compact_past_the_shard_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -393,7 +393,10 @@ def write_output(
             "path": location,
             "files": [{k: f[k] for k in ("split", "file", "rows", "bytes", "row_groups", "columns")} for f in files],
             "rows": {s: sum(f["rows"] for f in files if f["split"] == s) for s in splits},
+            # the last write's shards were kept byte for byte; new rows (if any) went to new shards
             "appended": any(f.get("kept") for f in files),
+            "shards_kept": sum(1 for f in files if f.get("kept")),
+            "shards_written": sum(1 for f in files if not f.get("kept")),
             "managed": sorted(p.name for p in tmp.iterdir()) + ["output.json"],
         }
         if parts is not None:

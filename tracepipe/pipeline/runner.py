@@ -523,7 +523,8 @@ class Runner:
             raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
         st.rows_in = st.keys = df.height
-        digest = frame_digest(df)
+        # the input is fixed by the parts it was read from (content-addressed) and the columns read
+        digest = digest_of(RUNNER_VERSION, "set-input", [p.digest for p in parts], present, stage.prepares(), fp)
         # the same input as the last run, whose output parts are all still cached: nothing to do
         last_name = f"set-last-{stage.name}-{fp}"
         last = self.cache.get_meta(last_name) or {}

@@ -66,7 +66,7 @@ def _sha(p: Path) -> str:
 
 def _fresh(tmp_path: Path, rows: list[dict[str, Any]], stages: list[dict[str, Any]] = STAGES, **source: Any) -> tuple[dict[str, Any], Path]:
     d = tmp_path / "fresh"
-    d.mkdir()
+    d.mkdir(parents=True)
     src = write_jsonl(d / "src.jsonl", rows)
     stats = _run(_recipe(d, src, stages, **source))
     return stats, d / "out"
@@ -87,6 +87,7 @@ def test_appended_rows_flow_alone_and_output_appends(tmp_path: Path) -> None:
     second = _run(recipe)
     new_parts = second["stages"][0]["parts"] - n_parts
     assert 1 <= new_parts <= 2  # 200 rows: one or two 64 KiB chunks
+    assert first["stages"][0]["parts_prepared"] == n_parts and second["stages"][0]["parts_prepared"] == new_parts
     for st in second["stages"]:  # every earlier part comes from the frame cache; only the new ones are worked on
         assert st["parts"] == n_parts + new_parts and st["parts_reused"] == n_parts, st
     assert second["stages"][1]["computed"] == sum(1 for r in rows[3000:] if r["question"] not in {x["question"] for x in rows[:3000]})
@@ -116,6 +117,14 @@ def test_appended_rows_flow_alone_and_output_appends(tmp_path: Path) -> None:
     assert [(p.name, _sha(p)) for p in _shards(d / "out")] == before
     info = json.loads((d / "out" / "output.json").read_text())
     assert (info["shards_kept"], info["shards_written"]) == (2, 0)
+
+    # one more append after the no-change run: dedup prepares only the new part(s)
+    more = read_jsonl(GSM8K_TRAIN, limit=200, start=3200)
+    write_jsonl(src, rows + more)
+    fourth = _run(recipe)
+    assert 1 <= fourth["stages"][0]["parts_prepared"] <= 2 and fourth["stages"][0]["parts_reused"] == third["stages"][0]["parts"]
+    _, fresh_out = _fresh(tmp_path / "again", rows + more)
+    assert _rows(d / "out").equals(_rows(fresh_out))
 
 
 def test_appends_compact_past_the_shard_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -489,13 +489,18 @@ class Runner:
         return out, rej_part, quar
 
     # -- set stages ----------------------------------------------------------------------------
-    def _prepared(self, stage: SetStage, fp: str, part: Part, present: list[str]) -> Part:
+    @staticmethod
+    def _prep_digest(fp: str, part: Part) -> str:
+        return digest_of(RUNNER_VERSION, "prep", part.digest, fp, pl.__version__)
+
+    def _prepared(self, stage: SetStage, fp: str, part: Part, present: list[str], st: StageStats) -> Part:
         """``_key`` + the stage's prepared columns for one part, cached per part, so a rerun
         prepares only parts it has not seen."""
-        d = digest_of(RUNNER_VERSION, "prep", part.digest, fp, pl.__version__)
+        d = self._prep_digest(fp, part)
         cached = self.cache.get(d)
         if cached is not None:
             return cached
+        st.parts_prepared += 1
         raw = pl.read_parquet(part.path, columns=[KEY_COL, *present])
         prepared = stage.prepare(raw.drop(KEY_COL))
         if prepared.height != raw.height:
@@ -510,8 +515,22 @@ class Runner:
         st.parts = len(parts)
         schema = scan_parts(parts).collect_schema()
         present = [c for c in stage.input_columns() if c in schema]
+        st.rows_in = st.keys = sum(p.rows for p in parts)
+        # the input is fixed by the parts it is read from (content-addressed) and the columns read
+        digest = digest_of(RUNNER_VERSION, "set-input", [p.digest for p in parts], present, stage.prepares(), fp)
+        # the same input as the last run, whose output parts are all still cached: nothing to do
+        last_name = f"set-last-{stage.name}-{fp}"
+        last = self.cache.get_meta(last_name) or {}
+        if last.get("input") == digest and len(last.get("out") or []) == len(parts):
+            reused = self._reuse_set_parts(last)
+            if reused is not None:
+                st.cached = st.rows_in
+                st.parts_reused = len(parts)
+                if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
+                    self.cache.used.update(self._prep_digest(fp, p) for p in parts)
+                return reused
         if stage.prepares():
-            prepared = [self._prepared(stage, fp, p, present) for p in parts]
+            prepared = [self._prepared(stage, fp, p, present, st) for p in parts]
             df = read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)))
         else:
             frames = [pl.read_parquet(p.path, columns=[KEY_COL, *present]) for p in parts]
@@ -522,18 +541,6 @@ class Runner:
         if bounds[-1] != df.height:
             raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
-        st.rows_in = st.keys = df.height
-        # the input is fixed by the parts it was read from (content-addressed) and the columns read
-        digest = digest_of(RUNNER_VERSION, "set-input", [p.digest for p in parts], present, stage.prepares(), fp)
-        # the same input as the last run, whose output parts are all still cached: nothing to do
-        last_name = f"set-last-{stage.name}-{fp}"
-        last = self.cache.get_meta(last_name) or {}
-        if last.get("input") == digest and len(last.get("out") or []) == len(parts):
-            reused = self._reuse_set_parts(last)
-            if reused is not None:
-                st.cached = df.height
-                st.parts_reused = len(parts)
-                return reused
         decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
             decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None

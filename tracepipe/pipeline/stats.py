@@ -21,6 +21,7 @@ class StageStats:
     upstream_pending: bool = False  # plan: an earlier stage still has work, so counts are partial
     parts: int = 0  # frame parts in
     parts_reused: int = 0  # of them, parts whose output came from the frame cache (no work)
+    parts_prepared: int = 0  # set stages: parts whose prepare() ran in this run (the rest were cached)
     dropped: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # rows quarantined
     error_keys: int = 0  # distinct row keys that failed

@@ -80,12 +80,12 @@ class FrameCache:
         path = d / f"{digest}.parquet"
         tmp = d / f".tmp-{uuid.uuid4().hex}.parquet"
         if isinstance(data, pl.LazyFrame):
-            data.sink_parquet(tmp, compression="lz4", maintain_order=True)
+            data.sink_parquet(tmp, compression="lz4", statistics=False, maintain_order=True)
             import pyarrow.parquet as pq
 
             rows = pq.ParquetFile(tmp).metadata.num_rows
         else:
-            data.write_parquet(tmp, compression="lz4")
+            data.write_parquet(tmp, compression="lz4", statistics=False)  # scratch: no filter reads stats
             rows = data.height
         os.replace(tmp, path)
         m = {**(meta or {}), "rows": rows}

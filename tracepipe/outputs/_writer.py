@@ -317,7 +317,6 @@ def write_output(
     write's parts are a prefix of them, its shards are kept byte for byte and only the rows of the
     new parts are formatted and written, as new shards (see :func:`_append_plan`).
     """
-
     options = dict(spec.options)
     card_opts = dict(options.pop("card", None) or {})
     where = options.pop("where", None)
@@ -342,15 +341,15 @@ def write_output(
     shard_bytes = int(spec.shard_size_mb * 2**20)
     layout = layout_digest(spec, options, where, in_schema)
     out = Path(tempfile.mkdtemp(prefix="tracepipe-out-")) if remote else Path(location)
-    plan = None
-    if parts is not None and not remote and not curriculum and is_row_local(spec.format):
-        plan = _append_plan(out, layout, parts, shard_bytes)
+    # formats that pair rows, and curriculum order, are written from all final rows at once;
+    # row-local ones a part at a time, and they can append to the last write
+    whole = curriculum or parts is None or not is_row_local(spec.format)
+    plan = _append_plan(out, layout, parts, shard_bytes) if parts is not None and not whole and not remote else None
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{uuid.uuid4().hex[:8]}"
     secret_names = recipe_secret_env_names(recipe)
     try:
         files: list[dict[str, Any]] | None = None
-        whole = curriculum or not is_row_local(spec.format) or parts is None
 
         def part_chunks(ps: list[Any]) -> list[pl.LazyFrame]:
             # each part under the schema of all final rows (formats look at the columns)

@@ -321,13 +321,15 @@ class Runner:
             group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
             # few rows to join (a rerun after an append): read the committed results for all of
             # them once, up front; what is missing from them is what to compute
+            one_group = sum(parts[j].rows for j in todo) <= group_cap
             found: pl.DataFrame | None = None
             before: set[str] = set()
-            if sum(parts[j].rows for j in todo) <= group_cap:
+            if one_group:
                 before = set(store.parts())
                 lf = store.scan(keys=all_keys.lazy())
-                found = lf.collect() if lf is not None else all_keys.head(0)
-                missing = all_keys.join(found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
+                found = lf.collect() if lf is not None else None
+                missing = all_keys if found is None else all_keys.join(
+                    found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
             else:
                 missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
             st.keys = all_keys.height
@@ -346,13 +348,12 @@ class Runner:
                 rows += parts[j].rows
                 if rows < group_cap and n < len(todo) - 1:
                     continue
-                if found is not None:  # one group: the results found up front + this run's commits
+                if one_group:  # the results found up front + this run's commits
                     new_parts = [p for p in store.parts() if p not in before]
                     lf = store.scan(keys=missing.lazy(), only=new_parts) if new_parts and missing.height else None
-                    mine = found if lf is None else pl.concat([found, lf.collect()], how="diagonal_relaxed").unique(
-                        subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True)
-                    if IDX_COL not in mine.columns:
-                        mine = None
+                    got = [f for f in (found, lf.collect() if lf is not None else None) if f is not None]
+                    mine = got[0] if len(got) == 1 else pl.concat(got, how="diagonal_relaxed").unique(
+                        subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True) if got else None
                 else:  # the store's results for this group's keys, read once (not once per part)
                     lf = store.scan(keys=pl.concat([keys[jj] for jj in group]).unique().lazy())
                     mine = lf.collect() if lf is not None else None
@@ -544,6 +545,7 @@ class Runner:
         decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
             decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None
+        decided_now = decision is None
         if decision is None:
             st.to_compute = df.height
             t0 = time.perf_counter()
@@ -553,15 +555,15 @@ class Runner:
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
             st.compute_seconds = time.perf_counter() - t0
             st.computed = 0 if plan else df.height
-            if not plan and stage.caches_decision():
-                aligned = decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL])
-                # a decision with a row per input row, in order, is saved without its keys (the
-                # input, which the digest covers, has them)
-                store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
         else:
             st.cached = df.height
+        # a row per input row, in order: used as it is (and saved without its keys: the input,
+        # which the digest covers, has them)
+        aligned = decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL])
+        if decided_now and not plan and stage.caches_decision():
+            store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
         missing_note = f"{stage.name}: not selected"
-        if decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL]):  # a row per input row, in order
+        if aligned:
             full = decision
         else:
             full = df.select(KEY_COL).join(decision, on=KEY_COL, how="left", maintain_order="left")

@@ -6,10 +6,9 @@ imported in ``Engine.start``.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
+from tracepipe._plugins import load_submodules
 from tracepipe.engines.base import (
     Completion,
     Engine,
@@ -25,7 +24,6 @@ __all__ = [
 ]
 
 _KINDS: dict[str, tuple[type[EngineConfig], type[Engine]]] = {}
-_LOADED = False
 _FP_CACHE: dict[str, str] = {}
 
 
@@ -39,14 +37,7 @@ def register_engine(kind: str, config_cls: type[EngineConfig]):
 
 
 def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name.startswith("_") or mod.name == "base":
-            continue
-        importlib.import_module(f"{__name__}.{mod.name}")
+    load_submodules(__name__)
 
 
 def known_engine_kinds() -> list[str]:

@@ -1,24 +1,23 @@
 """Output formats and the shard writer.
 
 A format is a function registered by name that turns the final rows (a polars LazyFrame) into the
-rows of the output table; the writer (:mod:`tracepipe.outputs.writer`) handles splits, sharding,
+rows of the output table; the writer (:mod:`tracepipe.outputs._writer`) handles splits, sharding,
 compression and atomic replacement, so a new format is a small addition.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 
+from tracepipe._plugins import load_submodules
+
 FormatFn = Callable[[pl.LazyFrame, dict[str, Any]], pl.LazyFrame]
 
 _FORMATS: dict[str, FormatFn] = {}
 _ROW_LOCAL: set[str] = set()
-_LOADED = False
 
 
 def register_format(name: str, row_local: bool = False) -> Callable[[FormatFn], FormatFn]:
@@ -41,13 +40,7 @@ def is_row_local(name: str) -> bool:
 
 
 def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    load_submodules(__name__)
 
 
 def known_formats() -> list[str]:

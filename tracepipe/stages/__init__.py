@@ -7,17 +7,14 @@ through :func:`get_stage` / :func:`known_stages`.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
 from typing import TypeVar
 
+from tracepipe._plugins import load_submodules
 from tracepipe.stages.base import RowStage, SetStage, Stage, StageContext, StageParams
 
 __all__ = ["RowStage", "SetStage", "Stage", "StageContext", "StageParams", "get_stage", "known_stages", "register"]
 
 _REGISTRY: dict[str, type[Stage]] = {}
-_LOADED = False
 S = TypeVar("S", bound=type[Stage])
 
 
@@ -35,16 +32,7 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name.startswith("_") or mod.name == "base":
-            continue
-        importlib.import_module(f"{__name__}.{mod.name}")
-    for ep in entry_points(group="tracepipe.stages"):
-        ep.load()
+    load_submodules(__name__, "tracepipe.stages")
 
 
 def known_stages() -> list[str]:

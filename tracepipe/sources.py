@@ -158,7 +158,9 @@ def _iter_files(paths: list[str]) -> Iterator[pl.DataFrame]:
             raise SourceError(f"{p}: unsupported file type (use .jsonl or .parquet, or `hf:`)")
 
 
-def _iter_hf(spec: Any, base: Path) -> Iterator[pl.DataFrame]:
+def _hf_dataset(spec: Any, base: Path) -> Any:
+    """The ``hf:`` source as one ``datasets.Dataset``: a ``save_to_disk`` folder, a local dataset
+    folder or file, or a hub id; a ``DatasetDict`` gives its ``split`` (default ``train``)."""
     import datasets
 
     local = (base / spec.hf) if not Path(spec.hf).is_absolute() else Path(spec.hf)
@@ -168,6 +170,11 @@ def _iter_hf(spec: Any, base: Path) -> Iterator[pl.DataFrame]:
         ds = datasets.load_dataset(str(local) if local.exists() else spec.hf, name=spec.config, split=spec.split)
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[spec.split or "train"]
+    return ds
+
+
+def _iter_hf(spec: Any, base: Path) -> Iterator[pl.DataFrame]:
+    ds = _hf_dataset(spec, base)
     for batch in ds.data.table.to_batches(max_chunksize=CHUNK_ROWS):
         yield pl.from_arrow(batch)  # type: ignore[misc]
 
@@ -343,16 +350,8 @@ def _spec_chunks(spec: Any, base: Path, index: int, cache: Any = None) -> Iterat
     spec_fp = digest_of(SOURCE_VERSION, spec.model_dump(mode="json"))
     where = f"source[{index}]"
     if spec.hf:
-        import datasets
-
-        local = (base / spec.hf) if not Path(spec.hf).is_absolute() else Path(spec.hf)
         try:
-            if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()):
-                ds = datasets.load_from_disk(str(local))
-            else:
-                ds = datasets.load_dataset(str(local) if local.exists() else spec.hf, name=spec.config, split=spec.split)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[spec.split or "train"]
+            ds = _hf_dataset(spec, base)
         except Exception as e:
             raise SourceError(f"{where}: cannot load Hugging Face dataset {spec.hf!r}: {e}") from None
         for i, batch in enumerate(ds.data.table.to_batches(max_chunksize=CHUNK_ROWS)):

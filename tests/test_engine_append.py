@@ -168,20 +168,47 @@ def test_an_edit_inside_the_file_rewrites_the_output(tmp_path: Path) -> None:
 def test_new_rows_that_repeat_old_ones_are_deduplicated_against_them(tmp_path: Path) -> None:
     rows = read_jsonl(GSM8K_TRAIN, limit=1500)
     extra = [{**r, "question": r["question"].upper()} for r in rows[:40]]  # same problems, other case
+    new = read_jsonl(GSM8K_TRAIN, limit=3, start=5000)
+    extra += new + [{**new[0], "question": new[0]["question"] + "  "}]  # a new problem twice (spacing differs)
     d = tmp_path / "inc"
     d.mkdir()
     src = write_jsonl(d / "src.jsonl", rows)
     recipe = _recipe(d, src)
+    first = _run(recipe)
+    write_jsonl(src, rows + extra)
+    second = _run(recipe)
+    assert second["stages"][0]["dropped"] == {"dedup:exact": 41}
+    # keep-first exact dedup decides the appended rows only; the old parts' output is kept as it was
+    assert second["stages"][0]["computed"] == len(extra) and second["stages"][0]["cached"] == len(rows)
+    assert second["stages"][0]["parts_reused"] == first["stages"][0]["parts"]
+    rej = pl.concat([pl.read_parquet(f) for f in sorted((d / "work" / "rejects").glob("*dedup*.parquet"))], how="diagonal_relaxed")
+    assert rej.height == 41
+    # the gsm8k id hashes the normalized problem, so a repeat has the old row's id (key suffixed ~1),
+    # and it points at that old row, or at the first of the new rows
+    assert (rej[DUP_OF] + "~1").to_list() == rej[KEY_COL].to_list()
+    assert rej[DUP_OF][-1].startswith("src:") and rej[DUP_OF][-1] not in set(rej[DUP_OF][:-1].to_list())
+    _, fresh_out = _fresh(tmp_path, rows + extra)
+    assert _rows(d / "out").equals(_rows(fresh_out))
+
+
+def test_a_set_stage_whose_old_decisions_can_change_decides_all_rows(tmp_path: Path) -> None:
+    """``keep: shortest``: an appended shorter copy displaces the old row, so nothing is kept as it was."""
+    rows = read_jsonl(GSM8K_TRAIN, limit=1500)
+    extra = [{**rows[10], "question": rows[10]["question"].replace(" ", "  ").strip()}]
+    extra[0]["question"] = rows[10]["question"]  # the same text ...
+    rows[10] = {**rows[10], "question": rows[10]["question"] + "   "}  # ... the old one longer (trailing spaces)
+    stages = [{"dedup": {"method": "exact", "keep": "shortest"}}, *STAGES[1:]]
+    d = tmp_path / "inc"
+    d.mkdir()
+    src = write_jsonl(d / "src.jsonl", rows)
+    recipe = _recipe(d, src, stages)
     _run(recipe)
     write_jsonl(src, rows + extra)
     second = _run(recipe)
-    assert second["stages"][0]["dropped"] == {"dedup:exact": 40}
+    assert second["stages"][0]["computed"] == len(rows) + 1
     rej = pl.concat([pl.read_parquet(f) for f in sorted((d / "work" / "rejects").glob("*dedup*.parquet"))], how="diagonal_relaxed")
-    assert rej.height == 40
-    # the gsm8k id hashes the normalized problem, so a repeat has the old row's id (key suffixed ~1),
-    # and it points at that old row
-    assert (rej[DUP_OF] + "~1").to_list() == rej[KEY_COL].to_list()
-    _, fresh_out = _fresh(tmp_path, rows + extra)
+    assert rej.height == 1 and rej["question"][0] == rows[10]["question"]  # the old, longer row is the one dropped
+    _, fresh_out = _fresh(tmp_path, rows + extra, stages)
     assert _rows(d / "out").equals(_rows(fresh_out))
 
 
@@ -231,3 +258,24 @@ def test_exact_dedup_groups_on_all_128_bits_when_halves_clash() -> None:
     out = stage.decide(df)
     assert out[DROP_COL].to_list() == [None, None, None, "dedup:exact"]
     assert out[DUP_OF].to_list() == [None, None, None, "a"]
+
+
+@pytest.mark.parametrize("start", [0, 1, 50, 199, 200])
+def test_exact_dedup_decides_appended_rows_as_a_full_decision_does(start: int) -> None:
+    """``decide_appended`` returns, for the new rows, exactly what ``decide`` over all rows does
+    (hash groups spanning old and new rows, groups among new rows only, 64-bit clashes)."""
+    stage = get_stage("dedup")(get_stage("dedup").Params(method="exact"), StageContext())
+    assert stage.decides_appends()
+    rng = __import__("numpy").random.default_rng(start)
+    h1 = rng.integers(0, 40, 200).astype("uint64")  # many repeats
+    h2 = (h1 * 3 + rng.integers(0, 2, 200)).astype("uint64")  # some 64-bit halves clash
+    df = pl.DataFrame({
+        KEY_COL: [f"k{i}" for i in range(200)], ORDER_COL: list(range(200)),
+        NORM_HASH[0]: pl.Series(h1, dtype=pl.UInt64), NORM_HASH[1]: pl.Series(h2, dtype=pl.UInt64),
+    })
+    want = stage.decide(df).slice(start)
+    got = stage.decide_appended(df, start)
+    assert got.equals(want)
+    assert want[DROP_COL].null_count() < want.height or start == 200
+    tp = get_stage("dedup")(get_stage("dedup").Params(method="exact", keep="shortest"), StageContext())
+    assert not tp.decides_appends()

@@ -530,6 +530,10 @@ class Runner:
                 if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
                     self.cache.used.update(self._prep_digest(fp, p) for p in parts)
                 return reused
+        # rows appended since the last run (its input parts are a prefix of this run's): a stage
+        # whose earlier decisions cannot change keeps their output parts and decides the new rows
+        k, out, rej = self._appended(stage, parts, present, last)
+        st.parts_reused = k
         if stage.prepares():
             prepared = [self._prepared(stage, fp, p, present, st) for p in parts]
             df = read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)))
@@ -542,44 +546,44 @@ class Runner:
         if bounds[-1] != df.height:
             raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
         df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
-        decision = store.load_decision(digest) if stage.caches_decision() else None
+        start = bounds[k]  # rows before it keep the output they had
+        keys = df.select(KEY_COL).slice(start)
+        decision = store.load_decision(digest) if stage.caches_decision() and not k else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
-            decision = pl.concat([df.select(KEY_COL), decision], how="horizontal") if decision.height == df.height else None
+            decision = pl.concat([keys, decision], how="horizontal") if decision.height == keys.height else None
         decided_now = decision is None
         if decision is None:
-            st.to_compute = df.height
+            st.to_compute = keys.height
             t0 = time.perf_counter()
-            decision = stage.decide(df)
+            decision = stage.decide_appended(df, start) if k else stage.decide(df)
             if DROP_COL not in decision.columns:
                 decision = decision.with_columns(pl.lit(None, dtype=pl.String).alias(DROP_COL))
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
             st.compute_seconds = time.perf_counter() - t0
-            st.computed = 0 if plan else df.height
-        else:
-            st.cached = df.height
+            st.computed = 0 if plan else keys.height
+        st.cached = df.height - (keys.height if decided_now else 0)  # rows whose decision was not made now
+        del df
         # a row per input row, in order: used as it is (and saved without its keys: the input,
         # which the digest covers, has them)
-        aligned = decision.height == df.height and decision[KEY_COL].equals(df[KEY_COL])
-        if decided_now and not plan and stage.caches_decision():
+        aligned = decision.height == keys.height and decision[KEY_COL].equals(keys[KEY_COL])
+        if decided_now and not k and not plan and stage.caches_decision():
             store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
         missing_note = f"{stage.name}: not selected"
         if aligned:
             full = decision
         else:
-            full = df.select(KEY_COL).join(decision, on=KEY_COL, how="left", maintain_order="left")
-            if full.height != df.height:
+            full = keys.join(decision, on=KEY_COL, how="left", maintain_order="left")
+            if full.height != keys.height:
                 raise RunFailed(f"stage {stage.name!r}: decide() returned a key more than once")
-            decided = df.select(KEY_COL).join(decision.select(KEY_COL), on=KEY_COL, how="semi")
-            if decided.height < df.height:
+            decided = keys.join(decision.select(KEY_COL), on=KEY_COL, how="semi")
+            if decided.height < keys.height:
                 has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
                 full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
-        del df
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
-        out: list[Part] = []
-        rej: list[Part] = []
-        made: list[str] = []
-        for j, p in enumerate(parts):
-            sub = full.slice(bounds[j], bounds[j + 1] - bounds[j])
+        made: list[str] = list(last["out"][:k]) if k else []
+        for j in range(k, len(parts)):
+            p = parts[j]
+            sub = full.slice(bounds[j] - start, bounds[j + 1] - bounds[j])
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             made.append(d)
             cached = self.cache.get(d)
@@ -602,8 +606,21 @@ class Runner:
             if part.rows:
                 out.append(part)
         if not plan:
-            self.cache.put_meta(last_name, {"input": digest, "out": made})
+            self.cache.put_meta(last_name, {"input": digest, "out": made, "parts": [p.digest for p in parts], "present": present})
         return out, rej
+
+    def _appended(
+        self, stage: SetStage, parts: list[Part], present: list[str], last: dict[str, Any],
+    ) -> tuple[int, list[Part], list[Part]]:
+        """``(k, output parts, reject parts)`` of the first ``k`` input parts when they are exactly
+        the last run's input and the stage decides appends alone; ``(0, [], [])`` otherwise."""
+        old = list(last.get("parts") or [])
+        k = len(old)
+        if not (stage.decides_appends() and 0 < k < len(parts) and last.get("present") == present
+                and len(last.get("out") or []) == k and [p.digest for p in parts[:k]] == old):
+            return 0, [], []
+        reused = self._reuse_set_parts(last)
+        return (k, *reused) if reused is not None else (0, [], [])
 
     def _reuse_set_parts(self, last: dict[str, Any]) -> tuple[list[Part], list[Part]] | None:
         """The output (and reject) parts a set stage made last time, or None if one is gone."""

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracepipe.pipeline.keys import KEY_COL
+
 if TYPE_CHECKING:  # pragma: no cover
     from tracepipe.engines.base import Engine
 
@@ -227,6 +229,19 @@ class SetStage(Stage):
 
     @abstractmethod
     def decide(self, df: pl.DataFrame) -> pl.DataFrame: ...
+
+    def decides_appends(self) -> bool:
+        """Whether rows appended after the input never change the decisions of the rows before
+        them (keep-first exact dedup: an earlier row stays first). The runner then keeps the
+        earlier rows' output as it was and asks :meth:`decide_appended` for the new rows only."""
+        return False
+
+    def decide_appended(self, df: pl.DataFrame, start: int) -> pl.DataFrame:
+        """Decisions for the rows from position ``start`` on (the appended ones) of ``df``, which
+        holds every row as :meth:`decide` gets them. The default decides all rows and keeps the
+        new rows' decisions; a stage overrides it to look at less."""
+        new = df[KEY_COL].slice(start).implode()
+        return self.decide(df).filter(pl.col(KEY_COL).is_in(new))
 
 
 class FilterStage(RowStage):

@@ -279,3 +279,49 @@ def test_exact_dedup_decides_appended_rows_as_a_full_decision_does(start: int) -
     assert want[DROP_COL].null_count() < want.height or start == 200
     tp = get_stage("dedup")(get_stage("dedup").Params(method="exact", keep="shortest"), StageContext())
     assert not tp.decides_appends()
+
+
+def test_card_figures_of_an_appending_run_equal_a_fresh_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows and domains on the card are summed from per-part figures kept in output.json: a
+    rerun that adds a source of another domain (and an output ``where``) reports what a fresh
+    run reports, and reads only the new parts for them."""
+    rows = read_jsonl(GSM8K_TRAIN, limit=1500)
+    code = [{"question": f"Write a Python function that takes no arguments and returns the square of {i}.", "answer": f"#### {i * i}"} for i in range(60)]
+    d = tmp_path / "inc"
+    d.mkdir()
+    src = write_jsonl(d / "src.jsonl", rows)
+    other = write_jsonl(d / "code.jsonl", code)
+
+    def recipe(sources: list[dict[str, Any]], at: Path) -> Path:
+        return write_recipe(at / "r.yaml", {
+            "name": "app", "workdir": str(at / "work"), "source": sources, "stages": STAGES,
+            "outputs": [{"format": "sft-messages", "path": str(at / "out"), "options": {"where": "length(problem) > 60"}}],
+        })
+
+    one = [{"path": str(src), "preset": "gsm8k"}]
+    two = one + [{"path": str(other), "preset": "gsm8k", "domain": "code", "name": "code"}]
+    _run(recipe(one, d))
+    figures = json.loads((d / "out" / "output.json").read_text())["figures"]
+    counted: list[str] = []
+    scan = writer.scan_parts
+
+    def spy(parts: list[Any], *a: Any, **kw: Any) -> pl.LazyFrame:
+        if kw.get("file_column"):
+            counted.extend(p.digest for p in parts)
+        return scan(parts, *a, **kw)
+
+    monkeypatch.setattr(writer, "scan_parts", spy)
+    _run(recipe(two, d))
+    monkeypatch.setattr(writer, "scan_parts", scan)
+    info = json.loads((d / "out" / "output.json").read_text())
+    assert info["appended"] is True
+    assert {k: v for k, v in info["figures"]["parts"].items() if k in figures["parts"]} == figures["parts"]  # old parts: as counted before
+    assert counted and set(counted) == set(info["figures"]["parts"]) - set(figures["parts"])  # only the new parts were read
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _run(recipe(two, fresh))
+    got, want = (json.loads((x / "out" / "summary.json").read_text()) for x in (d, fresh))
+    assert got["final_rows"] == want["final_rows"] == sum(f["rows"] for f in info["figures"]["parts"].values())
+    assert got["domains"] == want["domains"] == ["code", "math"]
+    assert want["final_rows"] < 1500 + 60  # `where` dropped some rows, and they are not counted
+    assert _rows(d / "out").equals(_rows(fresh / "out"))

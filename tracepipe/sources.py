@@ -458,34 +458,41 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
 def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     """Whether a ``_key`` occurs twice among the parts.
 
-    Repeats are rare, so this looks for repeated 64-bit key hashes, and compares strings only
-    when some hash repeats. The hashes of the last check are kept in the cache: when this run's
-    parts extend that run's (an append), only the new parts' keys are read.
+    Repeats are rare, so this looks for repeated 64-bit key hashes (a repeat of a hash sends the
+    caller to compare the strings). The sorted hashes of the last check are kept in the cache:
+    when this run's parts extend that run's (an append), only the new parts' keys are read and
+    looked up in them.
     """
+    import numpy as np
+
     from tracepipe.pipeline.frames import read_parts
 
-    def hashes(ps: list[Any]) -> pl.Series:
-        return read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).alias("h")
+    def hashes(ps: list[Any]) -> np.ndarray:
+        return np.sort(read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).to_numpy())
+
+    def repeats(sorted_h: np.ndarray) -> bool:
+        return bool(len(sorted_h) > 1 and (sorted_h[1:] == sorted_h[:-1]).any())
 
     name = f"source-key-hashes-{SOURCE_VERSION}"
     last = cache.get_meta(name) or {}
     cur = [p.digest for p in parts]
     old_parts = list(last.get("parts") or [])
-    old = cache.get(last["hashes"]) if last.get("hashes") and last.get("polars") == pl.__version__ else None
-    if old is not None and old_parts and cur[: len(old_parts)] == old_parts:
-        prev = pl.read_parquet(old.path)["h"]
+    prev = cache.get_array(last["hashes"]) if last.get("hashes") and last.get("polars") == pl.__version__ else None
+    if prev is not None and old_parts and cur[: len(old_parts)] == old_parts:
         if len(parts) == len(old_parts):
             return False  # checked last run
         new = hashes(parts[len(old_parts):])
-        if new.is_duplicated().any() or new.is_in(prev.implode()).any():
+        pos = np.searchsorted(prev, new)
+        if repeats(new) or (len(prev) > 0 and bool((prev[np.minimum(pos, len(prev) - 1)] == new).any())):
             return True
-        merged = pl.concat([prev, new])
+        merged = np.insert(prev, pos, new)
     else:
         merged = hashes(parts)
-        if merged.is_duplicated().any():
+        if repeats(merged):
             return True
-    part = cache.put(digest_of(name, cur, pl.__version__), merged.to_frame())
-    cache.put_meta(name, {"parts": cur, "hashes": part.digest, "polars": pl.__version__})
+    array = digest_of(name, cur, pl.__version__)
+    cache.put_array(array, merged)
+    cache.put_meta(name, {"parts": cur, "hashes": array, "polars": pl.__version__})
     return False
 
 

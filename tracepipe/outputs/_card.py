@@ -262,13 +262,20 @@ def stage_summaries(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def summarize(
     final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None, files: list[dict[str, Any]],
-    rejects: list[str],
+    rejects: list[str], known: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the card and the report show about one output, as a JSON-able dict."""
+    """Everything the card and the report show about one output, as a JSON-able dict.
+
+    ``known`` may give ``final_rows`` and ``domains`` already summed over the final parts (the
+    writer keeps them per part), so they are not counted over every row again."""
+    known = known or {}
     stages = stage_summaries(stats)
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dict.fromkeys(f["split"] for f in files)}
     schema = final.collect_schema()
-    domains = sorted(str(d) for d in final.select(pl.col("domain").unique()).collect().to_series().drop_nulls()) if "domain" in schema else []
+    if "domains" in known:
+        domains = list(known["domains"])
+    else:
+        domains = sorted(str(d) for d in final.select(pl.col("domain").unique()).collect().to_series().drop_nulls()) if "domain" in schema else []
     lengths = length_stats(final)
     summary = {
         "name": recipe.name,
@@ -280,7 +287,7 @@ def summarize(
         "tracepipe_version": tracepipe.__version__,
         "run_id": (stats or {}).get("run_id"),
         "source_rows": ((stats or {}).get("source") or {}).get("rows"),
-        "final_rows": final.select(pl.len()).collect().item(),
+        "final_rows": known["final_rows"] if "final_rows" in known else final.select(pl.len()).collect().item(),
         "rows": rows,
         "files": [{"file": f["file"], "split": f["split"], "rows": f["rows"], "bytes": f.get("bytes")} for f in files],
         "columns": list(files[0].get("columns", [])) if files else [],

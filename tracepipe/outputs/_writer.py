@@ -275,7 +275,43 @@ def layout_digest(spec: Any, options: dict[str, Any], where: Any, schema: pl.Sch
                      spec.test_fraction, spec.row_group_rows, spec.shard_size_mb, [(n, str(t)) for n, t in schema.items()])
 
 
-def _append_plan(out: Path, layout: str, parts: list[Any], shard_bytes: int) -> tuple[list[dict[str, Any]], list[Any]] | None:
+def _previous(out: Path) -> dict[str, Any]:
+    """The last write's ``output.json`` (empty when there is none, or it cannot be read)."""
+    try:
+        return dict(json.loads((out / "output.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def part_figures(parts: list[Any], where: Any, prev: dict[str, Any], schema: pl.Schema) -> dict[str, Any]:
+    """The card's whole-output figures that add up over parts: rows (after ``where``) and domains.
+
+    They are kept per final part in ``output.json`` (``figures``), so a rerun reads only the parts
+    the last write did not see, instead of scanning every final row again.
+    """
+    key = digest_of(WRITER_VERSION, "figures", where)
+    old = prev.get("figures") or {}
+    known: dict[str, Any] = dict(old.get("parts") or {}) if old.get("key") == key else {}
+    todo = [p for p in parts if p.digest not in known]
+    if todo:
+        # under the schema of all final rows, as the shards are written (``where`` may name a
+        # column that only some parts have)
+        lf = pl.concat([pl.LazyFrame(schema={**schema, "_file": pl.String}), scan_parts(todo, file_column="_file")], how="diagonal_relaxed")
+        if where:
+            from tracepipe.stages._sql import parse_sql_expr
+
+            lf = lf.filter(parse_sql_expr(str(where)).fill_null(False))
+        agg = [pl.len().alias("rows")]
+        if "domain" in lf.collect_schema():
+            agg.append(pl.col("domain").drop_nulls().cast(pl.String).unique().sort().alias("domains"))
+        got = {r["_file"]: r for r in lf.group_by("_file").agg(agg).collect().iter_rows(named=True)}
+        for p in todo:
+            r = got.get(str(p.path)) or {}
+            known[p.digest] = {"rows": int(r.get("rows") or 0), "domains": list(r.get("domains") or [])}
+    return {"key": key, "parts": {p.digest: known[p.digest] for p in parts}}
+
+
+def _append_plan(prev: dict[str, Any], out: Path, layout: str, parts: list[Any], shard_bytes: int) -> tuple[list[dict[str, Any]], list[Any]] | None:
     """Shards of the last write to keep, and the final parts still to write, or None (rewrite).
 
     Appending is possible when the last write had the same layout and its final parts are a
@@ -283,10 +319,6 @@ def _append_plan(out: Path, layout: str, parts: list[Any], shard_bytes: int) -> 
     no split has reached ``max(APPEND_MAX_SHARDS, 2 x what a fresh write would make)`` shards
     (then the output is rewritten compactly).
     """
-    try:
-        prev = json.loads((out / "output.json").read_text())
-    except (OSError, ValueError):
-        return None
     lay = prev.get("layout") or {}
     old = list(lay.get("parts") or [])
     if lay.get("digest") != layout or [p.digest for p in parts[: len(old)]] != old:
@@ -344,7 +376,8 @@ def write_output(
     # formats that pair rows, and curriculum order, are written from all final rows at once;
     # row-local ones a part at a time, and they can append to the last write
     whole = curriculum or parts is None or not is_row_local(spec.format)
-    plan = _append_plan(out, layout, parts, shard_bytes) if parts is not None and not whole and not remote else None
+    prev = _previous(out) if not remote else {}
+    plan = _append_plan(prev, out, layout, parts, shard_bytes) if parts is not None and not whole and not remote else None
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{uuid.uuid4().hex[:8]}"
     secret_names = recipe_secret_env_names(recipe)
@@ -370,7 +403,12 @@ def write_output(
             files = _write_data(chunks, spec, options, rejects, tmp, shard_bytes, [], whole=whole)
         splits = list(dict.fromkeys(f["split"] for f in files))
 
-        summary = _card.summarize(final, spec, recipe, stats, files, rejects)
+        figures = part_figures(parts, where, prev, in_schema) if parts else None
+        known = None
+        if figures is not None:
+            per_part = list(figures["parts"].values())
+            known = {"final_rows": sum(f["rows"] for f in per_part), "domains": sorted({d for f in per_part for d in f["domains"]})}
+        summary = _card.summarize(final, spec, recipe, stats, files, rejects, known=known)
         plots = _card.write_plots(summary, tmp)
         recipe_text = scrub(Path(recipe.path).read_text(), secret_names) if recipe.path is not None else None
         if recipe_text is not None:
@@ -400,6 +438,8 @@ def write_output(
         }
         if parts is not None:
             info["layout"] = {"digest": layout, "parts": [p.digest for p in parts]}
+        if figures is not None:
+            info["figures"] = figures
         (tmp / "output.json").write_text(json.dumps(info, indent=2))
         _swap_in(tmp, out)
         if remote:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from tracepipe.pipeline.keys import fingerprint
@@ -47,6 +48,12 @@ def frame_digest(df: pl.DataFrame) -> str:
 
     rows = df.hash_rows(seed=0).to_numpy().tobytes() if df.height else b""
     return digest_of(pl.__version__, [(n, str(t)) for n, t in df.schema.items()], df.height, xxhash.xxh3_128_hexdigest(rows))
+
+
+def schema_digest(schema: pl.Schema) -> str:
+    """Names and types of a part's columns, in order (kept in its sidecar: parts whose digests
+    match are scanned as one multi-file scan, without opening each footer first)."""
+    return digest_of([(n, str(t)) for n, t in schema.items()])
 
 
 class FrameCache:
@@ -88,7 +95,7 @@ class FrameCache:
             data.write_parquet(tmp, compression="lz4", statistics=False)  # scratch: no filter reads stats
             rows = data.height
         os.replace(tmp, path)
-        m = {**(meta or {}), "rows": rows}
+        m = {**(meta or {}), "rows": rows, "schema": schema_digest(data.collect_schema())}
         side_tmp = d / f".tmp-{uuid.uuid4().hex}.json"
         side_tmp.write_text(json.dumps(m, default=str))
         os.replace(side_tmp, d / f"{digest}.json")
@@ -114,12 +121,31 @@ class FrameCache:
         os.replace(tmp, d / f"{name}.json")
         self.used.add(name)
 
+    def get_array(self, name: str) -> np.ndarray | None:
+        """A numpy array kept with the cache (``<name>.npy``), or None."""
+        for d in (self.scratch, self.root):
+            if d is not None and (d / f"{name}.npy").exists():
+                self.used.add(name)
+                try:
+                    return np.load(d / f"{name}.npy", allow_pickle=False)
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    def put_array(self, name: str, arr: np.ndarray) -> None:
+        d = self.scratch if self.scratch is not None else self.root
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".tmp-{uuid.uuid4().hex}.npy"
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, d / f"{name}.npy")
+        self.used.add(name)
+
     def gc(self, keep: set[str]) -> int:
         """Delete parts not in ``keep`` (and orphan temp files); returns files removed."""
         n = 0
         for p in self.root.iterdir():
             stem = p.name.split(".")[0]
-            if p.name.startswith(".tmp-") or (stem not in keep and p.suffix in (".parquet", ".json")):
+            if p.name.startswith(".tmp-") or (stem not in keep and p.suffix in (".parquet", ".json", ".npy")):
                 try:
                     p.unlink()
                     n += 1
@@ -128,13 +154,19 @@ class FrameCache:
         return n
 
 
-def scan_parts(parts: list[Part], columns: list[str] | None = None) -> pl.LazyFrame:
-    """All parts as one LazyFrame, in order (schemas relaxed to a common supertype)."""
+def scan_parts(parts: list[Part], columns: list[str] | None = None, file_column: str | None = None) -> pl.LazyFrame:
+    """All parts as one LazyFrame, in order (schemas relaxed to a common supertype).
+
+    ``file_column`` adds a column holding each row's part path."""
     if not parts:
         raise ValueError("no parts")
-    scans = [pl.scan_parquet(p.path) for p in parts]
+    if len(parts) > 1 and parts[0].meta.get("schema") and all(p.meta.get("schema") == parts[0].meta["schema"] for p in parts):
+        # one schema: one multi-file scan
+        lf = pl.scan_parquet([str(p.path) for p in parts], hive_partitioning=False, include_file_paths=file_column)
+        return lf if columns is None else lf.select([c for c in columns if c in lf.collect_schema()] + ([file_column] if file_column else []))
+    scans = [pl.scan_parquet(p.path, include_file_paths=file_column) for p in parts]
     if columns is not None:
-        scans = [s.select([c for c in columns if c in s.collect_schema()]) for s in scans]
+        scans = [s.select([c for c in columns if c in s.collect_schema()] + ([file_column] if file_column else [])) for s in scans]
     if len(scans) == 1:
         return scans[0]
     schemas = [s.collect_schema() for s in scans]
@@ -149,7 +181,8 @@ def read_parts(parts: list[Part], columns: list[str]) -> pl.DataFrame:
     The columns must have one type across the parts."""
     if not parts:
         raise ValueError("no parts")
-    return pl.scan_parquet([str(p.path) for p in parts], extra_columns="ignore", missing_columns="insert").select(columns).collect()
+    paths = [str(p.path) for p in parts]
+    return pl.scan_parquet(paths, extra_columns="ignore", missing_columns="insert", hive_partitioning=False).select(columns).collect()
 
 
 def frame_schema(parts: list[Part]) -> pl.Schema:

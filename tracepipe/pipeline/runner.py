@@ -43,6 +43,7 @@ from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
 from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, read_parts, scan_parts
+from tracepipe.pipeline.keyindex import KeyIndex
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
     KEY_COL,
@@ -315,10 +316,15 @@ class Runner:
             if r is not None:
                 rej.append(r)
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
+        if not todo:
+            KeyIndex.retain(self.cache, store)
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
             group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
+            # the store is read only for keys its index may hold (after an append: usually none)
+            index = KeyIndex(self.cache, store)
+            maybe = index.candidates(all_keys)
             # few rows to join (a rerun after an append): read the committed results for all of
             # them once, up front; what is missing from them is what to compute
             one_group = sum(parts[j].rows for j in todo) <= group_cap
@@ -326,18 +332,23 @@ class Runner:
             before: set[str] = set()
             if one_group:
                 before = set(store.parts())
-                lf = store.scan(keys=all_keys.lazy())
+                lf = store.scan(keys=maybe.lazy()) if maybe.height else None
                 found = lf.collect() if lf is not None else None
                 missing = all_keys if found is None else all_keys.join(
                     found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
+            elif maybe.height:
+                committed = maybe.join(store.missing(maybe[IN_KEY_COL]).to_frame(), on=IN_KEY_COL, how="anti")
+                missing = all_keys.join(committed, on=IN_KEY_COL, how="anti", maintain_order="left")
             else:
-                missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
+                missing = all_keys
             st.keys = all_keys.height
             st.to_compute = missing.height
             miss = missing[IN_KEY_COL].implode()
             st.cached += sum(int((~keys[j][IN_KEY_COL].is_in(miss)).sum()) for j in todo)
             if missing.height and not plan:
-                errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+                errors = self._compute(stage, store, index, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+            if not plan:
+                index.save()
             st.error_keys = errors.height
             quar_frames: list[pl.LazyFrame] = []
             # join the parts with the results, a group of parts at a time (bounded memory)
@@ -376,7 +387,7 @@ class Runner:
         return final, rej, quar_path
 
     def _compute(
-        self, stage: RowStage, store: StageStore, parts: list[Part], keys: dict[int, pl.DataFrame],
+        self, stage: RowStage, store: StageStore, index: KeyIndex, parts: list[Part], keys: dict[int, pl.DataFrame],
         missing: pl.DataFrame, run_dir: Path, tag: str, st: StageStats, prog: Progress,
     ) -> pl.DataFrame:
         """Gather the missing rows (columns the stage reads, one row per key) and process them.
@@ -414,13 +425,15 @@ class Runner:
         if schema is None:
             return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
         if writer is None:
-            return self._process(stage, store, pa.concat_tables(held), st, prog)
+            return self._process(stage, store, index, pa.concat_tables(held), st, prog)
         writer.close()
-        errors = self._process(stage, store, todo_path, st, prog)
+        errors = self._process(stage, store, index, todo_path, st, prog)
         todo_path.unlink()
         return errors
 
-    def _process(self, stage: RowStage, store: StageStore, todo: Path | pa.Table, st: StageStats, prog: Progress) -> pl.DataFrame:
+    def _process(
+        self, stage: RowStage, store: StageStore, index: KeyIndex, todo: Path | pa.Table, st: StageStats, prog: Progress,
+    ) -> pl.DataFrame:
         bs = stage.rows_per_batch()
         if isinstance(todo, pa.Table):
             table = todo
@@ -447,8 +460,11 @@ class Runner:
             rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
             prog.advance(task, res.n_in, rate)
 
+        def commit(df: pl.DataFrame) -> None:  # on the driver, as each batch completes
+            index.add(store.commit(df), df[IN_KEY_COL].unique())
+
         try:
-            return self.executor.run_row_stage(stage, batches(), store.commit, on_progress)
+            return self.executor.run_row_stage(stage, batches(), commit, on_progress)
         finally:
             st.compute_seconds = time.perf_counter() - t0
 

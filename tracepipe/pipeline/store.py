@@ -192,6 +192,14 @@ class StageStore:
         with self.fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=[IN_KEY_COL]).column(0).to_pylist()
 
+    def key_column(self, paths: list[str]) -> pl.Series:
+        """``_in_key`` of every row of these committed parts (paths as :meth:`parts` names them)."""
+        if not paths:
+            return pl.Series(IN_KEY_COL, [], dtype=pl.String)
+        if self.local:
+            return pl.scan_parquet(paths, hive_partitioning=False, extra_columns="ignore").select(IN_KEY_COL).collect().to_series()
+        return pl.Series(IN_KEY_COL, [k for chunk in self._map(self._read_keys, paths) for k in chunk], dtype=pl.String)
+
     def keys(self) -> set[str]:
         """Input keys whose results are committed."""
         keys: set[str] = set()

@@ -81,7 +81,8 @@ class KeyIndex:
             return keys.head(0)
         h = keys[IN_KEY_COL].hash(seed=SEED).to_numpy()
         pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-        return keys.filter(pl.Series(self.hashes[pos] == h))
+        hit = np.flatnonzero(self.hashes[pos] == h)
+        return keys[hit.tolist()] if len(hit) else keys.head(0)  # usually none: no array to convert
 
     def save(self) -> None:
         if not self.changed:

@@ -66,6 +66,8 @@ JOIN_GROUP_ROWS = 50_000
 JOIN_GROUP_BYTES = 256 << 20
 #: a row stage's missing rows stay in memory up to this size, then spill to a scratch file
 TODO_MEMORY_BYTES = 64 << 20
+#: a row stage whose input parts to work on are this small (on disk) reads each once and holds it
+HOLD_PARTS_BYTES = 32 << 20
 RUNNER_VERSION = "2"
 
 
@@ -170,6 +172,7 @@ class Runner:
         )
         self.progress = progress
         self.console = console
+        self._held: dict[Path, pl.DataFrame] = {}
         self.ctx = StageContext(
             recipe_name=recipe.name,
             recipe_dir=recipe.base_dir,
@@ -286,12 +289,21 @@ class Runner:
             )
 
     # -- row stages ----------------------------------------------------------------------------
+    def _read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
+        """A part's rows (``columns`` of them that it has, or all), from memory when the row stage
+        holds its few input parts there (see :meth:`_row_stage`), else from the file."""
+        df = self._held.get(part.path)
+        if df is None:
+            if columns is None:
+                return pl.read_parquet(part.path)
+            names = pq.read_schema(part.path).names
+            return pl.read_parquet(part.path, columns=[c for c in columns if c in names])
+        return df if columns is None else df.select([c for c in columns if c in df.columns])
+
     def _keys(self, stage: Stage, part: Part) -> pl.DataFrame:
         """``_in_key`` for every row of a part, in row order."""
-        names = pq.read_schema(part.path).names
-        cols = [c for c in stage.input_columns() if c in names]
-        df = pl.read_parquet(part.path, columns=cols) if cols else pl.DataFrame({"_": [None] * part.rows})
-        return row_keys(df, stage.input_columns()).to_frame()
+        df = self._read(part, stage.input_columns())
+        return row_keys(df if df.width else pl.DataFrame({"_": [None] * part.rows}), stage.input_columns()).to_frame()
 
     def _row_stage(
         self, stage: RowStage, store: StageStore, fp: str, parts: list[Part], run_dir: Path, tag: str,
@@ -318,6 +330,9 @@ class Runner:
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
         if not todo:
             KeyIndex.retain(self.cache, store)
+        # few input parts to work on (a rerun after an append): each is read once, and held
+        hold = bool(todo) and sum(parts[j].path.stat().st_size for j in todo) <= HOLD_PARTS_BYTES
+        self._held = {parts[j].path: pl.read_parquet(parts[j].path) for j in todo} if hold else {}
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
@@ -383,6 +398,7 @@ class Runner:
                 st.errors = pq.ParquetFile(quar_path).metadata.num_rows
         else:
             quar_path = None
+        self._held = {}
         final = [p for p in out if p is not None and p.rows > 0]
         return final, rej, quar_path
 
@@ -401,9 +417,9 @@ class Runner:
         schema: pa.Schema | None = None
         want = set(missing[IN_KEY_COL].to_list())
         for p, k in zip(parts, keys.values()):
-            names = pq.read_schema(p.path).names
-            cols = [c for c in stage.input_columns() if c in names]
-            df = pl.read_parquet(p.path, columns=cols).with_columns(k[IN_KEY_COL]) if cols else k.select(IN_KEY_COL)
+            df = self._read(p, stage.input_columns())
+            cols = df.columns
+            df = df.with_columns(k[IN_KEY_COL]) if cols else k.select(IN_KEY_COL)
             df = df.filter(pl.col(IN_KEY_COL).is_in(pl.Series(list(want), dtype=pl.String).implode()))
             df = df.unique(IN_KEY_COL, keep="first", maintain_order=True)
             if not df.height:
@@ -473,7 +489,7 @@ class Runner:
         digest: str, plan: bool,
     ) -> tuple[Part, Part | None, pl.LazyFrame | None]:
         """One input part joined with the stage's results: kept rows, rejects, quarantined rows."""
-        df = pl.read_parquet(part.path).with_columns(keys[IN_KEY_COL])
+        df = self._read(part).with_columns(keys[IN_KEY_COL])
         quar = None
         failed = df.filter(pl.col(IN_KEY_COL).is_in(errors[IN_KEY_COL].implode())) if errors.height else df.head(0)
         if failed.height:

@@ -79,3 +79,26 @@ def test_an_appending_rerun_reads_no_store_part_to_find_its_new_keys(tmp_path: P
     shutil.rmtree(tmp_path / "work" / "frames")
     stats = Runner(load_recipe(recipe)).run().stats.to_dict()
     assert stats["stages"][0]["computed"] == 0 and stats["stages"][0]["cached"] == 2200 and len(lookups) == 1
+
+
+def test_hash_runs_add_as_new_runs_and_merge_past_the_limit(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tracepipe.pipeline import hashruns
+    from tracepipe.pipeline.hashruns import HashRuns
+
+    cache = FrameCache(tmp_path / "frames")
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, 2**63, 50, dtype=np.int64).astype(np.uint64) for _ in range(hashruns.MAX_RUNS + 2)]
+    runs = HashRuns(cache, "t")
+    for i, b in enumerate(batches):
+        runs.add(b)
+        # one run per add, until there are too many: then all are one run
+        assert len(runs.names) == (i + 1 if i < hashruns.MAX_RUNS else i + 1 - hashruns.MAX_RUNS)
+        again = HashRuns.load(FrameCache(tmp_path / "frames"), "t", runs.names)
+        assert again is not None and len(again) == 50 * (i + 1)
+        seen = np.concatenate(batches[: i + 1])
+        assert again.contains(seen).all()
+        assert not again.contains(np.concatenate(batches[i + 1:]) if i + 1 < len(batches) else seen[:0]).any()
+    (tmp_path / "frames" / f"{runs.names[0]}.npy").unlink()
+    assert HashRuns.load(FrameCache(tmp_path / "frames"), "t", runs.names) is None

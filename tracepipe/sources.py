@@ -459,13 +459,14 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     """Whether a ``_key`` occurs twice among the parts.
 
     Repeats are rare, so this looks for repeated 64-bit key hashes (a repeat of a hash sends the
-    caller to compare the strings). The sorted hashes of the last check are kept in the cache:
-    when this run's parts extend that run's (an append), only the new parts' keys are read and
-    looked up in them.
+    caller to compare the strings). The hashes of the last check are kept in the cache (as
+    sorted runs, :class:`~tracepipe.pipeline.hashruns.HashRuns`): when this run's parts extend
+    that run's (an append), only the new parts' keys are read, looked up and added.
     """
     import numpy as np
 
     from tracepipe.pipeline.frames import read_parts
+    from tracepipe.pipeline.hashruns import HashRuns
 
     def hashes(ps: list[Any]) -> np.ndarray:
         return np.sort(read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).to_numpy())
@@ -477,22 +478,20 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     last = cache.get_meta(name) or {}
     cur = [p.digest for p in parts]
     old_parts = list(last.get("parts") or [])
-    prev = cache.get_array(last["hashes"]) if last.get("hashes") and last.get("polars") == pl.__version__ else None
+    prev = HashRuns.load(cache, name, list(last.get("runs") or [])) if last.get("runs") and last.get("polars") == pl.__version__ else None
     if prev is not None and old_parts and cur[: len(old_parts)] == old_parts:
         if len(parts) == len(old_parts):
             return False  # checked last run
         new = hashes(parts[len(old_parts):])
-        pos = np.searchsorted(prev, new)
-        if repeats(new) or (len(prev) > 0 and bool((prev[np.minimum(pos, len(prev) - 1)] == new).any())):
+        if repeats(new) or bool(prev.contains(new).any()):
             return True
-        merged = np.insert(prev, pos, new)
     else:
-        merged = hashes(parts)
-        if repeats(merged):
+        prev = HashRuns(cache, name)
+        new = hashes(parts)
+        if repeats(new):
             return True
-    array = digest_of(name, cur, pl.__version__)
-    cache.put_array(array, merged)
-    cache.put_meta(name, {"parts": cur, "hashes": array, "polars": pl.__version__})
+    prev.add(new)
+    cache.put_meta(name, {"parts": cur, "runs": prev.names, "polars": pl.__version__})
     return False
 
 

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from tracepipe.pipeline.frames import FrameCache, digest_of
+from tracepipe.pipeline.frames import FrameCache
+from tracepipe.pipeline.hashruns import HashRuns
 from tracepipe.pipeline.keys import IN_KEY_COL
 from tracepipe.pipeline.store import StageStore
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
 SEED = 0x1D
 
 
@@ -28,8 +29,8 @@ def _name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def key_hashes(keys: pl.Series) -> np.ndarray:
-    return np.sort(keys.hash(seed=SEED).to_numpy())
+def _meta_name(store: StageStore) -> str:
+    return f"key-index-{INDEX_VERSION}-{store.stage}-{store.fp}"
 
 
 class KeyIndex:
@@ -38,9 +39,9 @@ class KeyIndex:
     def __init__(self, cache: FrameCache, store: StageStore) -> None:
         self.cache = cache
         self.store = store
-        self.meta_name = f"key-index-{INDEX_VERSION}-{store.stage}-{store.fp}"
+        self.meta_name = _meta_name(store)
         self.covered: list[str] = []
-        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.hashes = HashRuns(cache, self.meta_name)
         self.changed = False
         self._load()
 
@@ -48,26 +49,23 @@ class KeyIndex:
     def retain(cache: FrameCache, store: StageStore) -> None:
         """Keep a store's index through the cache's garbage collection in a run that does not
         load it (no new rows for the stage)."""
-        meta = cache.get_meta(f"key-index-{INDEX_VERSION}-{store.stage}-{store.fp}") or {}
-        if meta.get("array"):
-            cache.used.add(str(meta["array"]))
+        HashRuns.retain(cache, list((cache.get_meta(_meta_name(store)) or {}).get("runs") or []))
 
     def _load(self) -> None:
         meta: dict[str, Any] = self.cache.get_meta(self.meta_name) or {}
         parts = self.store.parts()
         covered = list(meta.get("parts") or [])
-        arr = self.cache.get_array(meta["array"]) if meta.get("array") and meta.get("polars") == pl.__version__ else None
-        if arr is None or not set(covered) <= {_name(p) for p in parts}:  # none, or parts it names are gone: start over
-            covered, arr, self.changed = [], np.zeros(0, dtype=np.uint64), True
-        self.covered, self.hashes = covered, arr
+        runs = HashRuns.load(self.cache, self.meta_name, list(meta.get("runs") or [])) if meta.get("polars") == pl.__version__ else None
+        if runs is None or not set(covered) <= {_name(p) for p in parts}:  # none, or parts it names are gone: start over
+            covered, runs, self.changed = [], HashRuns(self.cache, self.meta_name), True
+        self.covered, self.hashes = covered, runs
         have = set(covered)
         todo = [p for p in parts if _name(p) not in have]
         if todo:
             self._add([_name(p) for p in todo], self.store.key_column(todo))
 
     def _add(self, names: list[str], keys: pl.Series) -> None:
-        new = key_hashes(keys)
-        self.hashes = np.insert(self.hashes, np.searchsorted(self.hashes, new), new)
+        self.hashes.add(keys.hash(seed=SEED).to_numpy())
         self.covered += names
         self.changed = True
 
@@ -79,15 +77,11 @@ class KeyIndex:
         """The rows of ``keys`` (a frame with ``_in_key``) whose key the store may hold."""
         if not len(self.hashes) or not keys.height:
             return keys.head(0)
-        h = keys[IN_KEY_COL].hash(seed=SEED).to_numpy()
-        pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-        hit = np.flatnonzero(self.hashes[pos] == h)
+        hit = np.flatnonzero(self.hashes.contains(keys[IN_KEY_COL].hash(seed=SEED).to_numpy()))
         return keys[hit.tolist()] if len(hit) else keys.head(0)  # usually none: no array to convert
 
     def save(self) -> None:
         if not self.changed:
             return
-        array = digest_of(self.meta_name, self.covered, pl.__version__)
-        self.cache.put_array(array, self.hashes)
-        self.cache.put_meta(self.meta_name, {"parts": self.covered, "array": array, "polars": pl.__version__})
+        self.cache.put_meta(self.meta_name, {"parts": self.covered, "runs": self.hashes.names, "polars": pl.__version__})
         self.changed = False

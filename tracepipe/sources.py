@@ -469,7 +469,8 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     from tracepipe.pipeline.hashruns import HashRuns
 
     def hashes(ps: list[Any]) -> np.ndarray:
-        return np.sort(read_parts(ps, [KEY_COL])[KEY_COL].hash(seed=0x51).to_numpy())
+        keys = read_parts(ps, [KEY_COL]) if len(ps) > 1 else cache.read(ps[0], [KEY_COL])  # one new part: just written
+        return np.sort(keys[KEY_COL].hash(seed=0x51).to_numpy())
 
     def repeats(sorted_h: np.ndarray) -> bool:
         return bool(len(sorted_h) > 1 and (sorted_h[1:] == sorted_h[:-1]).any())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def schema_digest(schema: pl.Schema) -> str:
     return digest_of([(n, str(t)) for n, t in schema.items()])
 
 
+#: bytes of recently written parts a frame cache keeps in memory for reading back
+RECENT_BYTES = 32 << 20
+
+
 class FrameCache:
     """``<workdir>/frames/<digest>.parquet`` + ``.json`` sidecars; ``dry`` writes to a temp dir."""
 
@@ -64,21 +69,44 @@ class FrameCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.scratch = scratch  # plan mode: new parts go here and are thrown away
         self.used: set[str] = set()
+        # the parts this run wrote last, in memory (the next stage reads them back at once)
+        self._recent: OrderedDict[Path, pl.DataFrame] = OrderedDict()
+        self._recent_bytes = 0
 
-    def _dir(self, digest: str) -> Path:
-        if self.scratch is not None and not (self.root / f"{digest}.json").exists():
-            return self.scratch
-        return self.root
+    def _remember(self, path: Path, df: pl.DataFrame) -> None:
+        size = df.estimated_size()
+        if size > RECENT_BYTES:
+            return
+        self._recent[path] = df
+        self._recent_bytes += size
+        while self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= old.estimated_size()
+
+    def read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
+        """A part's rows: all columns, or those of ``columns`` it has (in that order); from memory
+        when this run wrote the part recently, else from its file."""
+        df = self._recent.get(part.path)
+        if df is not None:
+            return df if columns is None else df.select([c for c in columns if c in df.columns])
+        if columns is None:
+            return pl.read_parquet(part.path)
+        names = pl.read_parquet_schema(part.path)
+        return pl.read_parquet(part.path, columns=[c for c in columns if c in names])
 
     def get(self, digest: str) -> Part | None:
         for d in (self.root, self.scratch):
             if d is None:
                 continue
-            side = d / f"{digest}.json"
-            if side.exists() and (d / f"{digest}.parquet").exists():
-                meta = json.loads(side.read_text())
+            try:
+                with open(d / f"{digest}.json", "rb") as fh:
+                    meta = json.loads(fh.read())
+            except FileNotFoundError:
+                continue
+            path = d / f"{digest}.parquet"
+            if os.path.exists(path):
                 self.used.add(digest)
-                return Part(d / f"{digest}.parquet", digest, int(meta["rows"]), meta)
+                return Part(path, digest, int(meta["rows"]), meta)
         return None
 
     def put(self, digest: str, data: pl.DataFrame | pl.LazyFrame, meta: dict[str, Any] | None = None) -> Part:
@@ -95,6 +123,8 @@ class FrameCache:
             data.write_parquet(tmp, compression="lz4", statistics=False)  # scratch: no filter reads stats
             rows = data.height
         os.replace(tmp, path)
+        if isinstance(data, pl.DataFrame):
+            self._remember(path, data)
         m = {**(meta or {}), "rows": rows, "schema": schema_digest(data.collect_schema())}
         side_tmp = d / f".tmp-{uuid.uuid4().hex}.json"
         side_tmp.write_text(json.dumps(m, default=str))

@@ -294,10 +294,7 @@ class Runner:
         holds its few input parts there (see :meth:`_row_stage`), else from the file."""
         df = self._held.get(part.path)
         if df is None:
-            if columns is None:
-                return pl.read_parquet(part.path)
-            names = pq.read_schema(part.path).names
-            return pl.read_parquet(part.path, columns=[c for c in columns if c in names])
+            return self.cache.read(part, columns)
         return df if columns is None else df.select([c for c in columns if c in df.columns])
 
     def _keys(self, stage: Stage, part: Part) -> pl.DataFrame:
@@ -332,7 +329,7 @@ class Runner:
             KeyIndex.retain(self.cache, store)
         # few input parts to work on (a rerun after an append): each is read once, and held
         hold = bool(todo) and sum(parts[j].path.stat().st_size for j in todo) <= HOLD_PARTS_BYTES
-        self._held = {parts[j].path: pl.read_parquet(parts[j].path) for j in todo} if hold else {}
+        self._held = {parts[j].path: self.cache.read(parts[j]) for j in todo} if hold else {}
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
@@ -534,7 +531,7 @@ class Runner:
         if cached is not None:
             return cached
         st.parts_prepared += 1
-        raw = pl.read_parquet(part.path, columns=[KEY_COL, *present])
+        raw = self.cache.read(part, [KEY_COL, *present])
         prepared = stage.prepare(raw.drop(KEY_COL))
         if prepared.height != raw.height:
             raise RunFailed(f"stage {stage.name!r}: prepare() returned {prepared.height} rows for {raw.height}")
@@ -627,7 +624,7 @@ class Runner:
                 if r is not None:
                     rej.append(r)
                 continue
-            pdf = pl.read_parquet(p.path)
+            pdf = self.cache.read(p)
             joined = pdf.drop([c for c in adds if c in pdf.columns]).join(sub, on=KEY_COL, how="left", maintain_order="left")
             kept = joined.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
             dropped = joined.filter(pl.col(DROP_COL).is_not_null()).rename({DROP_COL: "_reason"}).with_columns(pl.lit(stage.name).alias("_stage"))

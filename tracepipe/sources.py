@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -315,13 +316,22 @@ def _jsonl_ranges(path: str, known: list[list[Any]] | None) -> Iterator[tuple[in
         view = memoryview(mm)
         try:
             pos = 0
+            sound = []  # the recorded chunks that still tile the file's start, ending at line ends
             for start, end, digest in known or []:
                 if start != pos or end > size or mm[end - 1] != 0x0A:
                     break
-                if xxhash.xxh3_128_hexdigest(view[start:end]) != digest:
-                    break
-                yield start, end, digest
+                sound.append((start, end, digest))
                 pos = end
+            # their bytes are checked in parallel (xxhash releases the GIL): a big file's check
+            # is bound by memory bandwidth, not one core
+            with ThreadPoolExecutor(max(1, min(len(sound), os.cpu_count() or 1))) as pool:
+                digests = pool.map(lambda c: xxhash.xxh3_128_hexdigest(view[c[0]:c[1]]), sound)
+                pos = 0
+                for (start, end, digest), now in zip(sound, digests):
+                    if now != digest:
+                        break
+                    yield start, end, digest
+                    pos = end
             while pos < size:
                 if size - pos <= CHUNK_BYTES:
                     end = size

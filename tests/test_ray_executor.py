@@ -74,7 +74,7 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, pl.DataFrame]:
 
     seen: dict[str, pl.DataFrame] = {}
 
-    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None, parts: Any = None) -> dict[str, Any]:
+    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None, parts: Any = None, held: Any = None) -> dict[str, Any]:
         seen["rows"] = final.collect()
         return {"format": spec.format, "path": spec.path, "files": [], "rows": {}}
 

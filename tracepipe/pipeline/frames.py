@@ -83,10 +83,14 @@ class FrameCache:
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= old.estimated_size()
 
+    def held(self, part: Part) -> pl.DataFrame | None:
+        """A part's rows if this run wrote it recently (in memory), else None."""
+        return self._recent.get(part.path)
+
     def read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
         """A part's rows: all columns, or those of ``columns`` it has (in that order); from memory
         when this run wrote the part recently, else from its file."""
-        df = self._recent.get(part.path)
+        df = self.held(part)
         if df is not None:
             return df if columns is None else df.select([c for c in columns if c in df.columns])
         if columns is None:

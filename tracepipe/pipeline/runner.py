@@ -256,7 +256,7 @@ class Runner:
                     for out_spec in self.recipe.outputs:
                         if final is None:
                             continue
-                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict(), parts=parts))
+                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict(), parts=parts, held=self.cache.held))
                     result.outputs = stats.outputs
                     keep = {p.digest for p in parts} | self.cache.used
                     self.cache.gc(keep)

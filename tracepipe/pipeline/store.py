@@ -253,9 +253,10 @@ class StageStore:
         ds = pads.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs)))
         return pl.scan_pyarrow_dataset(ds)
 
-    def bytes_per_row(self) -> float:
-        """Stored (compressed) bytes per committed row, from the parts' sizes and footers."""
-        parts = self.parts()
+    def bytes_per_row(self, sample: int = 16) -> float:
+        """Stored (compressed) bytes per committed row, from the sizes and footers of the newest
+        ``sample`` parts (an estimate for sizing work; reading every footer costs more)."""
+        parts = self.parts()[-sample:]
         if not parts:
             return 0.0
         footers = self._map(self._footer, parts)

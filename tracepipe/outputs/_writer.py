@@ -51,7 +51,7 @@ import xxhash
 from tracepipe.outputs import _card, get_format, is_row_local
 from tracepipe.outputs._common import option_bool
 from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
-from tracepipe.pipeline.frames import digest_of, scan_parts
+from tracepipe.pipeline.frames import digest_of, frame_schema, scan_parts
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def write_output(
     if spec.push is not None and spec.push.repo and "repo" not in card_opts:
         card_opts["repo"] = spec.push.repo
     rejects = rejects_paths(recipe)
-    in_schema = final.collect_schema()
+    in_schema = frame_schema(parts) if parts else final.collect_schema()
     curriculum = "curriculum_rank" in in_schema and option_bool(options, "curriculum_order", True)
 
     def selected(lf: pl.LazyFrame) -> pl.LazyFrame:

@@ -194,7 +194,7 @@ def scan_parts(parts: list[Part], columns: list[str] | None = None, file_column:
     ``file_column`` adds a column holding each row's part path."""
     if not parts:
         raise ValueError("no parts")
-    if len(parts) > 1 and parts[0].meta.get("schema") and all(p.meta.get("schema") == parts[0].meta["schema"] for p in parts):
+    if len(parts) > 1 and _one_schema(parts):
         # one schema: one multi-file scan
         lf = pl.scan_parquet([str(p.path) for p in parts], hive_partitioning=False, include_file_paths=file_column)
         return lf if columns is None else lf.select([c for c in columns if c in lf.collect_schema()] + ([file_column] if file_column else []))
@@ -219,5 +219,16 @@ def read_parts(parts: list[Part], columns: list[str]) -> pl.DataFrame:
     return pl.scan_parquet(paths, extra_columns="ignore", missing_columns="insert", hive_partitioning=False).select(columns).collect()
 
 
+def _one_schema(parts: list[Part]) -> bool:
+    """Whether the parts' sidecars say they all have the same columns and types."""
+    first = parts[0].meta.get("schema")
+    return bool(first) and all(p.meta.get("schema") == first for p in parts)
+
+
 def frame_schema(parts: list[Part]) -> pl.Schema:
-    return scan_parts(parts).collect_schema() if parts else pl.Schema()
+    """The columns of all parts together (one footer read when their sidecars agree)."""
+    if not parts:
+        return pl.Schema()
+    if _one_schema(parts):
+        return pl.scan_parquet(parts[0].path).collect_schema()
+    return scan_parts(parts).collect_schema()

@@ -42,7 +42,15 @@ import pyarrow.parquet as pq
 from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult
-from tracepipe.pipeline.frames import FrameCache, Part, digest_of, frame_digest, read_parts, scan_parts
+from tracepipe.pipeline.frames import (
+    FrameCache,
+    Part,
+    digest_of,
+    frame_digest,
+    frame_schema,
+    read_parts,
+    scan_parts,
+)
 from tracepipe.pipeline.keyindex import KeyIndex
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
@@ -543,7 +551,7 @@ class Runner:
         if not parts:
             return [], []
         st.parts = len(parts)
-        schema = scan_parts(parts).collect_schema()
+        schema = frame_schema(parts)
         present = [c for c in stage.input_columns() if c in schema]
         st.rows_in = st.keys = sum(p.rows for p in parts)
         # the input is fixed by the parts it is read from (content-addressed) and the columns read

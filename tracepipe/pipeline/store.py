@@ -48,7 +48,10 @@ REMOTE_READ_THREADS = 16
 
 
 def _fs(root: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(root))
+    text = str(root)
+    if "://" not in text:  # a plain local path (the common case): no URL to parse
+        return fsspec.filesystem("file"), os.path.abspath(text).rstrip("/") or "/"
+    fs, path = fsspec.core.url_to_fs(text)
     return fs, path.rstrip("/")
 
 
@@ -253,7 +256,7 @@ class StageStore:
         ds = pads.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs)))
         return pl.scan_pyarrow_dataset(ds)
 
-    def bytes_per_row(self, sample: int = 16) -> float:
+    def bytes_per_row(self, sample: int = 4) -> float:
         """Stored (compressed) bytes per committed row, from the sizes and footers of the newest
         ``sample`` parts (an estimate for sizing work; reading every footer costs more)."""
         parts = self.parts()[-sample:]

@@ -58,7 +58,7 @@ def schema_digest(schema: pl.Schema) -> str:
 
 
 #: bytes of recently written parts a frame cache keeps in memory for reading back
-RECENT_BYTES = 32 << 20
+RECENT_BYTES = 8 << 20
 
 
 class FrameCache:

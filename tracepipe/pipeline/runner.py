@@ -75,7 +75,7 @@ JOIN_GROUP_BYTES = 256 << 20
 #: a row stage's missing rows stay in memory up to this size, then spill to a scratch file
 TODO_MEMORY_BYTES = 64 << 20
 #: a row stage whose input parts to work on are this small (on disk) reads each once and holds it
-HOLD_PARTS_BYTES = 32 << 20
+HOLD_PARTS_BYTES = 8 << 20
 RUNNER_VERSION = "2"
 
 

@@ -327,3 +327,28 @@ def test_card_figures_of_an_appending_run_equal_a_fresh_runs(tmp_path: Path, mon
     assert got["domains"] == want["domains"] == ["code", "math"]
     assert want["final_rows"] < 1500 + 60  # `where` dropped some rows, and they are not counted
     assert _rows(d / "out").equals(_rows(fresh / "out"))
+
+
+def test_bounded_memory_paths_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joins in many small groups, missing rows spilled to a scratch file, no part held in memory,
+    no recent part kept: the same rows as the in-memory paths, and an append still computes only
+    its rows."""
+    import tracepipe.pipeline.runner as runner_mod
+
+    rows = read_jsonl(GSM8K_TRAIN, limit=3200)
+    fresh_stats, fresh_out = _fresh(tmp_path, rows)
+    monkeypatch.setattr(runner_mod, "JOIN_GROUP_ROWS", 700)
+    monkeypatch.setattr(runner_mod, "TODO_MEMORY_BYTES", 1)
+    monkeypatch.setattr(runner_mod, "HOLD_PARTS_BYTES", 0)
+    monkeypatch.setattr(frames, "RECENT_BYTES", 0)
+    d = tmp_path / "small"
+    d.mkdir()
+    src = write_jsonl(d / "src.jsonl", rows[:3000])
+    recipe = _recipe(d, src)
+    first = _run(recipe)
+    assert first["stages"][1]["computed"] == first["stages"][1]["rows_in"] > 2048  # more than a batch: groups of 700
+    write_jsonl(src, rows)
+    second = _run(recipe)
+    assert second["stages"][1]["computed"] == second["stages"][1]["rows_in"] - first["stages"][1]["rows_in"]
+    assert _rows(d / "out").equals(_rows(fresh_out))
+    assert [s["rows_out"] for s in second["stages"]] == [s["rows_out"] for s in fresh_stats["stages"]]

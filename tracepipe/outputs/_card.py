@@ -262,7 +262,7 @@ def stage_summaries(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def summarize(
     final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None, files: list[dict[str, Any]],
-    rejects: list[str], known: dict[str, Any] | None = None,
+    rejects: list[str], known: dict[str, Any] | None = None, schema: pl.Schema | None = None,
 ) -> dict[str, Any]:
     """Everything the card and the report show about one output, as a JSON-able dict.
 
@@ -271,7 +271,7 @@ def summarize(
     known = known or {}
     stages = stage_summaries(stats)
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dict.fromkeys(f["split"] for f in files)}
-    schema = final.collect_schema()
+    schema = schema if schema is not None else final.collect_schema()
     if "domains" in known:
         domains = list(known["domains"])
     else:

@@ -423,7 +423,7 @@ def write_output(
         if figures is not None:
             per_part = list(figures["parts"].values())
             known = {"final_rows": sum(f["rows"] for f in per_part), "domains": sorted({d for f in per_part for d in f["domains"]})}
-        summary = _card.summarize(final, spec, recipe, stats, files, rejects, known=known)
+        summary = _card.summarize(final, spec, recipe, stats, files, rejects, known=known, schema=in_schema)
         plots = _card.write_plots(summary, tmp)
         recipe_text = scrub(Path(recipe.path).read_text(), secret_names) if recipe.path is not None else None
         if recipe_text is not None:

@@ -341,13 +341,17 @@ class Runner:
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
-            group_cap = max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
+            todo_rows = sum(parts[j].rows for j in todo)
+            # up to one batch of rows joins at once without an estimate: the executor already held
+            # a batch's results in memory
+            group_cap = todo_rows if todo_rows <= stage.rows_per_batch() else \
+                max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
             # the store is read only for keys its index may hold (after an append: usually none)
             index = KeyIndex(self.cache, store)
             maybe = index.candidates(all_keys)
             # few rows to join (a rerun after an append): read the committed results for all of
             # them once, up front; what is missing from them is what to compute
-            one_group = sum(parts[j].rows for j in todo) <= group_cap
+            one_group = todo_rows <= group_cap
             found: pl.DataFrame | None = None
             before: set[str] = set()
             if one_group:

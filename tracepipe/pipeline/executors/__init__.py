@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from tracepipe.pipeline.executors.base import Executor, normalize_output, safe_process
+from tracepipe.pipeline.executors.local import LocalExecutor  # the default: imported with the package
 
 
 def get_executor(kind: str, **kw: Any) -> Executor:
     if kind == "local":
-        from tracepipe.pipeline.executors.local import LocalExecutor
-
         return LocalExecutor(**kw)
     if kind == "ray":
         from tracepipe.pipeline.executors.ray import RayExecutor  # type: ignore[import-not-found]

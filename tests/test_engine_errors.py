@@ -128,3 +128,19 @@ def test_past_max_error_rate_the_run_fails_clearly(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "quarantined" in r.stderr and "max_error_rate" in r.stderr and "stages[0]" in r.stderr
     assert (tmp_path / "work" / "quarantine" / "001-map.parquet").exists()
+
+
+def test_the_fast_loader_reads_a_recipe_as_the_round_trip_loader_does(tmp_path: Path) -> None:
+    """A valid recipe is read by the C-backed safe loader; it must give what the round-trip
+    loader (used for error lines) gives, YAML 1.2 scalars included (``on`` / ``no`` stay text)."""
+    from tracepipe.recipe import _quick_load, load_recipe, parse_yaml, validate_tree
+
+    text = GOOD.replace("name: errs", "name: errs\ndescription: on\nlicense: no\nmax_error_rate: 0.5")
+    p = _write(tmp_path, text)
+    quick = _quick_load(text)
+    assert isinstance(quick, dict) and quick["description"] == "on" and quick["license"] == "no"
+    fast = load_recipe(p)
+    slow = validate_tree(parse_yaml(text, str(p)), str(p), p.resolve())
+    assert fast.model_dump() == slow.model_dump()
+    assert [(s.name, s.params.model_dump()) for s in fast.stage_specs] == [(s.name, s.params.model_dump()) for s in slow.stage_specs]
+    assert fast.description == "on" and fast.license == "no"

@@ -21,6 +21,7 @@ class HashRuns:
         self.cache = cache
         self.prefix = prefix
         self.runs = list(runs or [])
+        self._added = 0  # hashes added by this process
 
     @classmethod
     def load(cls, cache: FrameCache, prefix: str, names: list[str]) -> HashRuns | None:
@@ -59,10 +60,19 @@ class HashRuns:
         new = np.sort(np.asarray(h, dtype=np.uint64))
         if not len(new):
             return
+        self._added += len(new)
         runs = [*self.runs, ("", new)]
         if len(runs) > MAX_RUNS:
             runs = [("", np.sort(np.concatenate([a for _, a in runs])))]
         self.runs = [(n, a) if n else (self._put(a), a) for n, a in runs]
+
+    def compact_if_mostly_new(self) -> None:
+        """Merge the runs into one when at least half the hashes were added by this process (a
+        first or large run: merging costs little next to the work that made them), so later
+        runs load one file instead of several."""
+        if len(self.runs) > 1 and self._added * 2 >= len(self):
+            merged = np.sort(np.concatenate([a for _, a in self.runs]))
+            self.runs = [(self._put(merged), merged)]
 
     def _put(self, arr: np.ndarray) -> str:
         name = f"{self.prefix}-{digest_of(len(arr), xxhash.xxh3_128_hexdigest(arr.tobytes()))}"

@@ -83,5 +83,6 @@ class KeyIndex:
     def save(self) -> None:
         if not self.changed:
             return
+        self.hashes.compact_if_mostly_new()
         self.cache.put_meta(self.meta_name, {"parts": self.covered, "runs": self.hashes.names, "polars": pl.__version__})
         self.changed = False

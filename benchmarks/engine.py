@@ -11,11 +11,11 @@ reported apart as ``import_s``. Printed as JSON:
 - the same work in plain polars (the raw library, no store / resume) for comparison;
 - an incremental rerun after adding 1% new rows (wall time as a share of the full run).
 
-Each measurement is taken ``--repeats`` times (default 3; every full run starts from an empty
+Each measurement is taken ``--repeats`` times (default 5; every full run starts from an empty
 workdir, every incremental run from a copy of the state a full run left) and the median run is
 reported, with all wall times and the highest peak RSS.
 
-    python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 3]
+    python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--small", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:

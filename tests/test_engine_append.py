@@ -352,3 +352,52 @@ def test_bounded_memory_paths_give_the_same_rows(tmp_path: Path, monkeypatch: py
     assert second["stages"][1]["computed"] == second["stages"][1]["rows_in"] - first["stages"][1]["rows_in"]
     assert _rows(d / "out").equals(_rows(fresh_out))
     assert [s["rows_out"] for s in second["stages"]] == [s["rows_out"] for s in fresh_stats["stages"]]
+
+
+def test_appended_rows_are_deduplicated_through_the_index_without_reading_old_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exact dedup keeps a hash index of its key column: new rows that repeat no old text are
+    decided without reading an old row; with the index gone, all rows are read (and it is
+    rebuilt), with the same result."""
+    import tracepipe.pipeline.runner as runner_mod
+
+    rows = read_jsonl(GSM8K_TRAIN, limit=2000)
+    new = read_jsonl(GSM8K_TRAIN, limit=100, start=6000)
+    new += [{**new[3], "question": new[3]["question"] + " "}]  # one repeat among the new rows only
+    assert not {r["question"] for r in new} & {r["question"] for r in rows}
+    d = tmp_path / "inc"
+    d.mkdir()
+    src = write_jsonl(d / "src.jsonl", rows)
+    recipe = _recipe(d, src)
+    _run(recipe)
+
+    read: list[int] = []
+    real = runner_mod.read_parts
+
+    def spy(parts: list[Any], *a: Any, **kw: Any) -> pl.DataFrame:
+        out = real(parts, *a, **kw)
+        read.append(out.height)
+        return out
+
+    monkeypatch.setattr(runner_mod, "read_parts", spy)
+    write_jsonl(src, rows + new)
+    second = _run(recipe)
+    assert read == [len(new)]  # only the new rows' prepared hashes
+    assert second["stages"][0]["computed"] == len(new) and second["stages"][0]["dropped"] == {"dedup:exact": 1}
+    _, fresh_out = _fresh(tmp_path, rows + new)
+    assert _rows(d / "out").equals(_rows(fresh_out))
+
+    # the index is gone (a workdir from before it, say): every row is read, the result is the same
+    more = read_jsonl(GSM8K_TRAIN, limit=50, start=7000) + [rows[5]]  # this time a repeat of an old row
+    for f in (d / "work" / "frames").glob("set-index-*.npy"):
+        f.unlink()
+    read.clear()
+    write_jsonl(src, rows + new + more)
+    third = _run(recipe)
+    assert read == [len(rows) + len(new) + len(more)]
+    assert third["stages"][0]["dropped"] == {"dedup:exact": 2}  # the earlier repeat and this one
+    _, fresh_out = _fresh(tmp_path / "again", rows + new + more)
+    assert _rows(d / "out").equals(_rows(fresh_out))
+    meta = json.loads(next((d / "work" / "frames").glob("set-last-dedup-*.json")).read_text())
+    assert meta["index"]["runs"] and all((d / "work" / "frames" / f"{n}.npy").exists() for n in meta["index"]["runs"])

@@ -209,14 +209,18 @@ def scan_parts(parts: list[Part], columns: list[str] | None = None, file_column:
     return pl.concat(scans, how="diagonal_relaxed")
 
 
-def read_parts(parts: list[Part], columns: list[str]) -> pl.DataFrame:
+def read_parts(parts: list[Part], columns: list[str], where: pl.Expr | None = None, row_index: str | None = None) -> pl.DataFrame:
     """``columns`` of all parts, in order, in one multi-file read (polars reads the files in
     parallel; per-file reads cost more than the data when parts are many and columns small).
-    The columns must have one type across the parts."""
+    The columns must have one type across the parts. ``row_index`` adds each row's position
+    among all the parts' rows (Int64), ``where`` keeps only the rows it holds for."""
     if not parts:
         raise ValueError("no parts")
     paths = [str(p.path) for p in parts]
-    return pl.scan_parquet(paths, extra_columns="ignore", missing_columns="insert", hive_partitioning=False).select(columns).collect()
+    lf = pl.scan_parquet(paths, extra_columns="ignore", missing_columns="insert", hive_partitioning=False).select(columns)
+    if row_index is not None:
+        lf = lf.with_row_index(row_index).with_columns(pl.col(row_index).cast(pl.Int64))
+    return (lf.filter(where) if where is not None else lf).collect()
 
 
 def _one_schema(parts: list[Part]) -> bool:

@@ -51,6 +51,7 @@ from tracepipe.pipeline.frames import (
     read_parts,
     scan_parts,
 )
+from tracepipe.pipeline.hashruns import HashRuns
 from tracepipe.pipeline.keyindex import KeyIndex
 from tracepipe.pipeline.keys import (
     IN_KEY_COL,
@@ -77,6 +78,8 @@ TODO_MEMORY_BYTES = 64 << 20
 #: a row stage whose input parts to work on are this small (on disk) reads each once and holds it
 HOLD_PARTS_BYTES = 8 << 20
 RUNNER_VERSION = "2"
+#: seed of the hashes a set stage's append-key index holds
+INDEX_SEED = 0x5E7
 
 
 class RunFailed(RuntimeError):
@@ -575,19 +578,9 @@ class Runner:
         # whose earlier decisions cannot change keeps their output parts and decides the new rows
         k, out, rej = self._appended(stage, parts, present, last)
         st.parts_reused = k
-        if stage.prepares():
-            prepared = [self._prepared(stage, fp, p, present, st) for p in parts]
-            df = read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)))
-        else:
-            frames = [pl.read_parquet(p.path, columns=[KEY_COL, *present]) for p in parts]
-            df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-            del frames
         # rows stay in part order: part j is rows [bounds[j], bounds[j + 1])
         bounds = np.concatenate([[0], np.cumsum([p.rows for p in parts])]).tolist()
-        if bounds[-1] != df.height:
-            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
-        df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
-        start = bounds[k]  # rows before it keep the output they had
+        df, start, index = self._set_rows(stage, fp, parts, present, st, k, bounds, last)
         keys = df.select(KEY_COL).slice(start)
         decision = store.load_decision(digest) if stage.caches_decision() and not k else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
@@ -602,7 +595,7 @@ class Runner:
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
             st.compute_seconds = time.perf_counter() - t0
             st.computed = 0 if plan else keys.height
-        st.cached = df.height - (keys.height if decided_now else 0)  # rows whose decision was not made now
+        st.cached = bounds[-1] - (keys.height if decided_now else 0)  # rows whose decision was not made now
         del df
         # a row per input row, in order: used as it is (and saved without its keys: the input,
         # which the digest covers, has them)
@@ -624,7 +617,7 @@ class Runner:
         made: list[str] = list(last["out"][:k]) if k else []
         for j in range(k, len(parts)):
             p = parts[j]
-            sub = full.slice(bounds[j] - start, bounds[j + 1] - bounds[j])
+            sub = full.slice(bounds[j] - bounds[k], bounds[j + 1] - bounds[j])  # `full` starts at part k
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             made.append(d)
             cached = self.cache.get(d)
@@ -647,8 +640,65 @@ class Runner:
             if part.rows:
                 out.append(part)
         if not plan:
-            self.cache.put_meta(last_name, {"input": digest, "out": made, "parts": [p.digest for p in parts], "present": present})
+            meta: dict[str, Any] = {"input": digest, "out": made, "parts": [p.digest for p in parts], "present": present}
+            if index is not None:
+                meta["index"] = {"col": stage.append_key(), "runs": index.names, "polars": pl.__version__}
+            self.cache.put_meta(last_name, meta)
         return out, rej
+
+    def _set_read(self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats,
+                  where: pl.Expr | None = None) -> pl.DataFrame:
+        """``_key`` + the columns ``decide`` reads (prepared, if the stage prepares) of these parts,
+        with ``_ord`` (the row's position among them); ``where`` keeps only some rows."""
+        if stage.prepares():
+            prepared = [self._prepared(stage, fp, p, present, st) for p in parts]
+            return read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)), where, ORDER_COL)
+        frames = [pl.read_parquet(p.path, columns=[KEY_COL, *present]) for p in parts]
+        df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+        df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
+        return df.filter(where) if where is not None else df
+
+    def _set_rows(
+        self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats, k: int,
+        bounds: list[int], last: dict[str, Any],
+    ) -> tuple[pl.DataFrame, int, HashRuns | None]:
+        """The rows a set stage decides from, where the rows to decide start among them, and the
+        hash index of the stage's :meth:`~SetStage.append_key` column (None if it has none).
+
+        All rows, unless the first ``k`` parts were decided last run and the stage has an append
+        key whose index is at hand: then the new rows, after only those old rows that share a key
+        value with one of them (found in the index; usually none, and no old part is read)."""
+        col = stage.append_key()
+        prefix = f"set-index-{stage.name}-{fp}"
+        index = None
+        meta = last.get("index") or {}
+        if k and col is not None and meta.get("col") == col and meta.get("polars") == pl.__version__:
+            index = HashRuns.load(self.cache, prefix, list(meta.get("runs") or []))
+        if index is not None:
+            new = self._set_read(stage, fp, parts[k:], present, st).with_columns(pl.col(ORDER_COL) + bounds[k])
+            if new.height != bounds[-1] - bounds[k]:
+                raise RunFailed(f"stage {stage.name!r}: read {new.height} new rows from parts that hold {bounds[-1] - bounds[k]}")
+            h = new[col].hash(seed=INDEX_SEED).to_numpy()
+            hit = index.contains(h)
+            if hit.any():  # some old rows share a key value with new ones: read just those
+                values = new[col][np.flatnonzero(hit).tolist()].unique().implode()
+                old = self._set_read(stage, fp, parts[:k], present, st, where=pl.col(col).is_in(values))
+                new = pl.concat([old, new.select(old.columns)])
+                start = old.height
+            else:
+                start = 0
+                if stage.prepares():  # unread, but kept for the next run that decides all rows
+                    self.cache.used.update(self._prep_digest(fp, p) for p in parts[:k])
+            index.add(h)
+            return new, start, index
+        df = self._set_read(stage, fp, parts, present, st)
+        if bounds[-1] != df.height:
+            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
+        if col is not None:
+            index = HashRuns(self.cache, prefix)
+            index.add(df[col].hash(seed=INDEX_SEED).to_numpy())
+            index.compact_if_mostly_new()
+        return df, bounds[k], index
 
     def _appended(
         self, stage: SetStage, parts: list[Part], present: list[str], last: dict[str, Any],

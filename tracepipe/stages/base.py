@@ -236,10 +236,17 @@ class SetStage(Stage):
         earlier rows' output as it was and asks :meth:`decide_appended` for the new rows only."""
         return False
 
+    def append_key(self) -> str | None:
+        """A column (prepared, if the stage prepares) such that an old row can affect a new row's
+        decision only if they share its value (exact dedup: the text hash). The runner then keeps
+        a hash index of it and hands :meth:`decide_appended` only those old rows."""
+        return None
+
     def decide_appended(self, df: pl.DataFrame, start: int) -> pl.DataFrame:
         """Decisions for the rows from position ``start`` on (the appended ones) of ``df``, which
-        holds every row as :meth:`decide` gets them. The default decides all rows and keeps the
-        new rows' decisions; a stage overrides it to look at less."""
+        holds, in input order (``_ord``), the new rows after the old rows that can affect them:
+        every old row, or with :meth:`append_key` only those sharing its value with a new row. The
+        default decides all of ``df`` and keeps the new rows' decisions."""
         new = df[KEY_COL].slice(start).implode()
         return self.decide(df).filter(pl.col(KEY_COL).is_in(new))
 

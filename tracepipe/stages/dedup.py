@@ -158,6 +158,10 @@ class Dedup(SetStage):
         """``exact`` with ``keep: first``: an appended row never displaces an earlier one."""
         return self.params.method == "exact" and self.params.keep == "first"
 
+    def append_key(self) -> str | None:
+        """``exact`` / ``first``: only an old row with the same text hash can be a new row's first."""
+        return NORM_HASH[0] if self.decides_appends() else None
+
     def decide_appended(self, df: pl.DataFrame, start: int) -> pl.DataFrame:
         """``exact`` / ``first``: only the groups of the new rows' hashes are looked at (the rows
         sharing a 64-bit half with a new row: every group with a new row in it, whole)."""

@@ -573,6 +573,7 @@ class Runner:
                 st.parts_reused = len(parts)
                 if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
                     self.cache.used.update(self._prep_digest(fp, p) for p in parts)
+                HashRuns.retain(self.cache, list((last.get("index") or {}).get("runs") or []))  # and the index
                 return reused
         # rows appended since the last run (its input parts are a prefix of this run's): a stage
         # whose earlier decisions cannot change keeps their output parts and decides the new rows

@@ -12,8 +12,9 @@ reported apart as ``import_s``. Printed as JSON:
 - an incremental rerun after adding 1% new rows (wall time as a share of the full run).
 
 Each measurement is taken ``--repeats`` times (default 5; every full run starts from an empty
-workdir, every incremental run from a copy of the state a full run left) and the median run is
-reported, with all wall times and the highest peak RSS.
+workdir, every incremental run from a copy of the state a full run left, and the two alternate so
+that drift in machine speed meets both alike) and the median run is reported, with all wall
+times and the highest peak RSS.
 
     python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 5]
 """
@@ -168,28 +169,35 @@ def main() -> None:
             src = d / "src.jsonl"
             write_jsonl(src, make_rows(n))
             recipe = write_recipe(d, src)
-            fulls, raws = [], []
-            for _ in range(a.repeats):  # each a first run: empty workdir, no output yet
-                fresh(d)
+            inc_dir: Path | None = None
+            if n == a.rows:
+                # the incremental rerun's own workdir: the state a full run over n rows left, then
+                # 1% new rows appended to its source; restored before each incremental run
+                inc_dir = Path(tmp) / "inc"
+                inc_dir.mkdir()
+                inc_src = inc_dir / "src.jsonl"
+                write_jsonl(inc_src, make_rows(n))
+                inc_recipe = write_recipe(inc_dir, inc_src)
+                spawn("tracepipe", str(inc_recipe))
+                for name in ("work", "out"):
+                    shutil.copytree(inc_dir / name, inc_dir / "state" / name, symlinks=True)
+                write_jsonl(inc_src, make_rows(n) + make_rows(n // 100, start=10_000_000))
+            fulls, raws, incs = [], [], []
+            # full and incremental runs alternate, so both meet the same drift in machine speed
+            for _ in range(a.repeats):
+                fresh(d)  # each full run a first run: empty workdir, no output yet
                 fulls.append(spawn("tracepipe", str(recipe)))
                 raws.append(spawn("polars", str(src), str(d / "raw-out")))
+                if inc_dir is not None:
+                    fresh(inc_dir)
+                    for name in ("work", "out"):
+                        shutil.copytree(inc_dir / "state" / name, inc_dir / name, symlinks=True)
+                    incs.append(spawn("tracepipe", str(inc_recipe)))
             full, raw = median_run(fulls), median_run(raws)
             full["rows_per_s"] = round(n / full["wall_s"], 1)
             raw["rows_per_s"] = round(n / raw["wall_s"], 1)
             entry = {"tracepipe_full": full, "polars_raw": raw, "tracepipe_vs_polars_wall": round(full["wall_s"] / raw["wall_s"], 2)}
-            if n == a.rows:
-                # the state a full run left, restored before each incremental run
-                state = Path(tmp) / "state"
-                for name in ("work", "out"):
-                    shutil.copytree(d / name, state / name, symlinks=True)
-                extra = make_rows(n // 100, start=10_000_000)
-                write_jsonl(src, make_rows(n) + extra)
-                incs = []
-                for _ in range(a.repeats):
-                    fresh(d)
-                    for name in ("work", "out"):
-                        shutil.copytree(state / name, d / name, symlinks=True)
-                    incs.append(spawn("tracepipe", str(recipe)))
+            if incs:
                 inc = median_run(incs)
                 entry["tracepipe_incremental_1pct"] = inc
                 entry["incremental_wall_share_of_full"] = round(inc["wall_s"] / full["wall_s"], 3)

@@ -631,7 +631,10 @@ class Runner:
                     rej.append(r)
                 continue
             pdf = self.cache.read(p)
-            joined = pdf.drop([c for c in adds if c in pdf.columns]).join(sub, on=KEY_COL, how="left", maintain_order="left")
+            # `sub` is the part's rows' decisions in row order (`full` follows the input's rows)
+            if not sub[KEY_COL].equals(pdf[KEY_COL]):  # pragma: no cover - a broken invariant
+                raise RunFailed(f"stage {stage.name!r}: its decisions do not follow the rows of part {p.digest}")
+            joined = pl.concat([pdf.drop([c for c in adds if c in pdf.columns]), sub.drop(KEY_COL)], how="horizontal")
             kept = joined.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
             dropped = joined.filter(pl.col(DROP_COL).is_not_null()).rename({DROP_COL: "_reason"}).with_columns(pl.lit(stage.name).alias("_stage"))
             drops = dict(dropped.group_by("_reason").len().iter_rows()) if dropped.height else {}

@@ -299,13 +299,20 @@ SOURCE_VERSION = "1"
 CHUNK_BYTES = 4 << 20  # JSONL is cut into ~4 MiB chunks at line ends: appends touch only the tail
 
 
-def _jsonl_ranges(path: str, known: list[list[Any]] | None) -> Iterator[tuple[int, int, str]]:
+def _jsonl_ranges(
+    path: str, known: list[list[Any]] | None, ahead: Callable[[int, int, str], None] | None = None,
+) -> Iterator[tuple[int, int, str]]:
     """``(start, end, xxh3)`` byte ranges of a JSONL file, each ending at a line end.
 
     Ranges the previous run recorded (``known``) are kept while their bytes still match, so
     appending lines to a file leaves every earlier chunk, the old last one included, as it was:
     the new lines become new chunks and only they are parsed. The rest is cut into
     ~``CHUNK_BYTES`` pieces at the last newline inside each window.
+
+    The recorded chunks are checked in threads (xxhash releases the GIL), and meanwhile the
+    bytes after them are cut and handed to ``ahead`` (to be parsed while the check runs: if the
+    check fails they are cut again from the first changed chunk, and what ``ahead`` made of the
+    first cut is left unused).
     """
     import mmap
 
@@ -314,6 +321,19 @@ def _jsonl_ranges(path: str, known: list[list[Any]] | None) -> Iterator[tuple[in
         return
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
+
+        def cut(pos: int) -> Iterator[tuple[int, int, str]]:
+            while pos < size:
+                if size - pos <= CHUNK_BYTES:
+                    end = size
+                else:
+                    at = mm.rfind(b"\n", pos, pos + CHUNK_BYTES)
+                    if at < 0:  # a line longer than a chunk: cut after it
+                        at = mm.find(b"\n", pos + CHUNK_BYTES)
+                    end = size if at < 0 else at + 1
+                yield pos, end, xxhash.xxh3_128_hexdigest(view[pos:end])
+                pos = end
+
         try:
             pos = 0
             sound = []  # the recorded chunks that still tile the file's start, ending at line ends
@@ -322,26 +342,24 @@ def _jsonl_ranges(path: str, known: list[list[Any]] | None) -> Iterator[tuple[in
                     break
                 sound.append((start, end, digest))
                 pos = end
-            # their bytes are checked in parallel (xxhash releases the GIL): a big file's check
-            # is bound by memory bandwidth, not one core
+            # their bytes are checked in parallel: a big file's check is bound by memory
+            # bandwidth, not one core
             with ThreadPoolExecutor(max(1, min(len(sound), os.cpu_count() or 1))) as pool:
                 digests = pool.map(lambda c: xxhash.xxh3_128_hexdigest(view[c[0]:c[1]]), sound)
+                rest = list(cut(pos))  # the common case: the recorded chunks are unchanged
+                if ahead is not None and sound:
+                    for r in rest:
+                        ahead(*r)
                 pos = 0
                 for (start, end, digest), now in zip(sound, digests):
                     if now != digest:
                         break
                     yield start, end, digest
                     pos = end
-            while pos < size:
-                if size - pos <= CHUNK_BYTES:
-                    end = size
-                else:
-                    cut = mm.rfind(b"\n", pos, pos + CHUNK_BYTES)
-                    if cut < 0:  # a line longer than a chunk: cut after it
-                        cut = mm.find(b"\n", pos + CHUNK_BYTES)
-                    end = size if cut < 0 else cut + 1
-                yield pos, end, xxhash.xxh3_128_hexdigest(view[pos:end])
-                pos = end
+            if sound and pos == sound[-1][1]:
+                yield from rest
+            else:
+                yield from cut(pos)
         finally:
             view.release()
 
@@ -352,11 +370,14 @@ def _read_range(path: str, start: int, end: int) -> bytes:
         return fh.read(end - start)
 
 
-def _spec_chunks(spec: Any, base: Path, index: int, cache: Any = None) -> Iterator[tuple[str, Any]]:
+def _spec_chunks(
+    spec: Any, base: Path, index: int, cache: Any = None, ahead: Callable[[str, Any], None] | None = None,
+) -> Iterator[tuple[str, Any]]:
     """(content digest, loader) per chunk of one source entry; loaders run only on cache misses.
 
     With a frame ``cache``, each JSONL file's chunk boundaries are recorded in it and reused by
-    the next run (see :func:`_jsonl_ranges`)."""
+    the next run (see :func:`_jsonl_ranges`); ``ahead`` gets the chunks after the recorded ones
+    early, while those are being checked."""
     spec_fp = digest_of(SOURCE_VERSION, spec.model_dump(mode="json"))
     where = f"source[{index}]"
     if spec.hf:
@@ -377,12 +398,17 @@ def _spec_chunks(spec: Any, base: Path, index: int, cache: Any = None) -> Iterat
             index_name = f"jsonl-index-{digest_of(spec_fp, os.path.abspath(path))}"
             known = (cache.get_meta(index_name) or {}).get("chunks") if cache is not None else None
             ranges = []
-            for start, end, xxh in _jsonl_ranges(path, known):
-                ranges.append([start, end, xxh])
-                yield (
+
+            def chunk(start: int, end: int, xxh: str, path: str = path) -> tuple[str, Any]:
+                return (
                     digest_of(spec_fp, "jsonl", xxh),
-                    (lambda p=path, a=start, b=end: pl.read_ndjson(io.BytesIO(_read_range(p, a, b)), infer_schema_length=None)),
+                    (lambda: pl.read_ndjson(io.BytesIO(_read_range(path, start, end)), infer_schema_length=None)),
                 )
+
+            early = (lambda a, b, x: ahead(*chunk(a, b, x))) if ahead is not None else None
+            for start, end, xxh in _jsonl_ranges(path, known, early):
+                ranges.append([start, end, xxh])
+                yield chunk(start, end, xxh)
             if cache is not None:
                 cache.put_meta(index_name, {"path": os.path.abspath(path), "chunks": ranges})
         elif path.endswith(".parquet"):
@@ -417,24 +443,33 @@ def source_parts(specs: list[Any], base: Path, cache: Any) -> list[Any]:
         where = f"source[{i}]"
         label = _spec_label(spec, base)
         remaining = spec.limit
-        for digest, load in _spec_chunks(spec, base, i, cache):
-            if remaining is not None and remaining <= 0:
-                break
-            if remaining is not None:
-                digest = digest_of(digest, "limit", remaining)
+
+        def make(digest: str, load: Any, head: int | None = None, where: str = where, label: str = label, spec: Any = spec) -> Any:
+            """The chunk's part (its first ``head`` rows): from the cache, else loaded, transformed
+            and cached."""
             part = cache.get(digest)
             if part is None:
                 try:
                     df = load()
                 except Exception as e:
                     raise SourceError(f"{where}: cannot read {spec.path or spec.hf}: {type(e).__name__}: {e}") from None
-                if remaining is not None:
-                    df = df.head(remaining)
+                if head is not None:
+                    df = df.head(head)
                 df = _transform(df, spec, where, label)
                 df = _order_columns(df).with_columns(
                     pl.concat_str([pl.col("source"), pl.lit(":"), pl.col("id")]).alias(KEY_COL)
                 )
                 part = cache.put(digest, df, {"kind": "source"})
+            return part
+
+        # without a limit a chunk's part depends on its bytes alone: new chunks are made while
+        # the recorded ones are checked
+        for digest, load in _spec_chunks(spec, base, i, cache, ahead=make if remaining is None else None):
+            if remaining is not None and remaining <= 0:
+                break
+            if remaining is not None:
+                digest = digest_of(digest, "limit", remaining)
+            part = make(digest, load, remaining)
             if remaining is not None:
                 remaining -= part.rows
             parts.append(part)

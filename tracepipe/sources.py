@@ -346,8 +346,9 @@ def _jsonl_ranges(
             # bandwidth, not one core
             with ThreadPoolExecutor(max(1, min(len(sound), os.cpu_count() or 1))) as pool:
                 digests = pool.map(lambda c: xxhash.xxh3_128_hexdigest(view[c[0]:c[1]]), sound)
-                rest = list(cut(pos))  # the common case: the recorded chunks are unchanged
-                if ahead is not None and sound:
+                # the common case: the recorded chunks are unchanged, and the rest is cut now
+                rest = list(cut(pos)) if sound else []
+                if ahead is not None:
                     for r in rest:
                         ahead(*r)
                 pos = 0

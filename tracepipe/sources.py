@@ -525,7 +525,7 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
     last = cache.get_meta(name) or {}
     cur = [p.digest for p in parts]
     old_parts = list(last.get("parts") or [])
-    prev = HashRuns.load(cache, name, list(last.get("runs") or [])) if last.get("runs") and last.get("polars") == pl.__version__ else None
+    prev = HashRuns.from_meta(cache, name, last)
     if prev is not None and old_parts and cur[: len(old_parts)] == old_parts:
         if len(parts) == len(old_parts):
             return False  # checked last run
@@ -538,7 +538,7 @@ def _keys_repeat(parts: list[Any], cache: Any) -> bool:
         if repeats(new):
             return True
     prev.add(new)
-    cache.put_meta(name, {"parts": cur, "runs": prev.names, "polars": pl.__version__})
+    cache.put_meta(name, {"parts": cur, **prev.meta()})
     return False
 
 

@@ -8,7 +8,10 @@ for the source's repeated-key check and for the key index of each stage store.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import polars as pl
 import xxhash
 
 from tracepipe.pipeline.frames import FrameCache, digest_of
@@ -34,10 +37,23 @@ class HashRuns:
             runs.append((name, arr))
         return cls(cache, prefix, runs)
 
+    @classmethod
+    def from_meta(cls, cache: FrameCache, prefix: str, meta: dict[str, Any]) -> HashRuns | None:
+        """The runs a record made by :meth:`meta` names, or None if it names none, was made by
+        another polars release (the hashes are polars' seeded hashes) or a run is missing."""
+        if not meta.get("runs") or meta.get("polars") != pl.__version__:
+            return None
+        return cls.load(cache, prefix, list(meta["runs"]))
+
+    def meta(self) -> dict[str, Any]:
+        """What to record (in a cache meta file) to find these runs again."""
+        return {"runs": self.names, "polars": pl.__version__}
+
     @staticmethod
-    def retain(cache: FrameCache, names: list[str]) -> None:
-        """Keep these runs through the cache's garbage collection without loading them."""
-        cache.used.update(names)
+    def retain(cache: FrameCache, meta: dict[str, Any]) -> None:
+        """Keep the runs a :meth:`meta` record names through the cache's garbage collection,
+        without loading them."""
+        cache.used.update(meta.get("runs") or [])
 
     @property
     def names(self) -> list[str]:

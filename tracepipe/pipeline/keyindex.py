@@ -49,13 +49,13 @@ class KeyIndex:
     def retain(cache: FrameCache, store: StageStore) -> None:
         """Keep a store's index through the cache's garbage collection in a run that does not
         load it (no new rows for the stage)."""
-        HashRuns.retain(cache, list((cache.get_meta(_meta_name(store)) or {}).get("runs") or []))
+        HashRuns.retain(cache, cache.get_meta(_meta_name(store)) or {})
 
     def _load(self) -> None:
         meta: dict[str, Any] = self.cache.get_meta(self.meta_name) or {}
         parts = self.store.parts()
         covered = list(meta.get("parts") or [])
-        runs = HashRuns.load(self.cache, self.meta_name, list(meta.get("runs") or [])) if meta.get("polars") == pl.__version__ else None
+        runs = HashRuns.from_meta(self.cache, self.meta_name, meta)
         if runs is None or not set(covered) <= {_name(p) for p in parts}:  # none, or parts it names are gone: start over
             covered, runs, self.changed = [], HashRuns(self.cache, self.meta_name), True
         self.covered, self.hashes = covered, runs
@@ -84,5 +84,5 @@ class KeyIndex:
         if not self.changed:
             return
         self.hashes.compact_if_mostly_new()
-        self.cache.put_meta(self.meta_name, {"parts": self.covered, "runs": self.hashes.names, "polars": pl.__version__})
+        self.cache.put_meta(self.meta_name, {"parts": self.covered, **self.hashes.meta()})
         self.changed = False

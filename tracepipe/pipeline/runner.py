@@ -573,7 +573,7 @@ class Runner:
                 st.parts_reused = len(parts)
                 if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
                     self.cache.used.update(self._prep_digest(fp, p) for p in parts)
-                HashRuns.retain(self.cache, list((last.get("index") or {}).get("runs") or []))  # and the index
+                HashRuns.retain(self.cache, last.get("index") or {})  # and the index
                 return reused
         # rows appended since the last run (its input parts are a prefix of this run's): a stage
         # whose earlier decisions cannot change keeps their output parts and decides the new rows
@@ -646,7 +646,7 @@ class Runner:
         if not plan:
             meta: dict[str, Any] = {"input": digest, "out": made, "parts": [p.digest for p in parts], "present": present}
             if index is not None:
-                meta["index"] = {"col": stage.append_key(), "runs": index.names, "polars": pl.__version__}
+                meta["index"] = {"col": stage.append_key(), **index.meta()}
             self.cache.put_meta(last_name, meta)
         return out, rej
 
@@ -674,10 +674,8 @@ class Runner:
         value with one of them (found in the index; usually none, and no old part is read)."""
         col = stage.append_key()
         prefix = f"set-index-{stage.name}-{fp}"
-        index = None
         meta = last.get("index") or {}
-        if k and col is not None and meta.get("col") == col and meta.get("polars") == pl.__version__:
-            index = HashRuns.load(self.cache, prefix, list(meta.get("runs") or []))
+        index = HashRuns.from_meta(self.cache, prefix, meta) if k and col is not None and meta.get("col") == col else None
         if index is not None:
             new = self._set_read(stage, fp, parts[k:], present, st).with_columns(pl.col(ORDER_COL) + bounds[k])
             if new.height != bounds[-1] - bounds[k]:

@@ -72,6 +72,7 @@ class FrameCache:
         # the parts this run wrote last, in memory (the next stage reads them back at once)
         self._recent: OrderedDict[Path, pl.DataFrame] = OrderedDict()
         self._recent_bytes = 0
+        self._pinned: dict[Path, pl.DataFrame] = {}  # parts a stage reads several times (see pin)
 
     def _remember(self, path: Path, df: pl.DataFrame) -> None:
         size = df.estimated_size()
@@ -83,9 +84,18 @@ class FrameCache:
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= old.estimated_size()
 
+    def pin(self, parts: list[Part]) -> None:
+        """Hold these parts in memory, read once, until :meth:`unpin` (a stage that reads a few
+        parts several times); the caller bounds their size."""
+        self._pinned = {p.path: self.read(p) for p in parts}
+
+    def unpin(self) -> None:
+        self._pinned = {}
+
     def held(self, part: Part) -> pl.DataFrame | None:
-        """A part's rows if this run wrote it recently (in memory), else None."""
-        return self._recent.get(part.path)
+        """A part's rows if they are in memory (pinned, or written recently by this run), else None."""
+        df = self._pinned.get(part.path)
+        return df if df is not None else self._recent.get(part.path)
 
     def read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
         """A part's rows: all columns, or those of ``columns`` it has (in that order); from memory

@@ -183,7 +183,6 @@ class Runner:
         )
         self.progress = progress
         self.console = console
-        self._held: dict[Path, pl.DataFrame] = {}
         self.ctx = StageContext(
             recipe_name=recipe.name,
             recipe_dir=recipe.base_dir,
@@ -300,17 +299,9 @@ class Runner:
             )
 
     # -- row stages ----------------------------------------------------------------------------
-    def _read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
-        """A part's rows (``columns`` of them that it has, or all), from memory when the row stage
-        holds its few input parts there (see :meth:`_row_stage`), else from the file."""
-        df = self._held.get(part.path)
-        if df is None:
-            return self.cache.read(part, columns)
-        return df if columns is None else df.select([c for c in columns if c in df.columns])
-
     def _keys(self, stage: Stage, part: Part) -> pl.DataFrame:
         """``_in_key`` for every row of a part, in row order."""
-        df = self._read(part, stage.input_columns())
+        df = self.cache.read(part, stage.input_columns())
         return row_keys(df if df.width else pl.DataFrame({"_": [None] * part.rows}), stage.input_columns()).to_frame()
 
     def _row_stage(
@@ -339,8 +330,8 @@ class Runner:
         if not todo:
             KeyIndex.retain(self.cache, store)
         # few input parts to work on (a rerun after an append): each is read once, and held
-        hold = bool(todo) and sum(parts[j].path.stat().st_size for j in todo) <= HOLD_PARTS_BYTES
-        self._held = {parts[j].path: self.cache.read(parts[j]) for j in todo} if hold else {}
+        if todo and sum(parts[j].path.stat().st_size for j in todo) <= HOLD_PARTS_BYTES:
+            self.cache.pin([parts[j] for j in todo])
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
@@ -410,7 +401,7 @@ class Runner:
                 st.errors = pq.ParquetFile(quar_path).metadata.num_rows
         else:
             quar_path = None
-        self._held = {}
+        self.cache.unpin()
         final = [p for p in out if p is not None and p.rows > 0]
         return final, rej, quar_path
 
@@ -429,7 +420,7 @@ class Runner:
         schema: pa.Schema | None = None
         want = set(missing[IN_KEY_COL].to_list())
         for p, k in zip(parts, keys.values()):
-            df = self._read(p, stage.input_columns())
+            df = self.cache.read(p, stage.input_columns())
             cols = df.columns
             df = df.with_columns(k[IN_KEY_COL]) if cols else k.select(IN_KEY_COL)
             df = df.filter(pl.col(IN_KEY_COL).is_in(pl.Series(list(want), dtype=pl.String).implode()))
@@ -501,7 +492,7 @@ class Runner:
         digest: str, plan: bool,
     ) -> tuple[Part, Part | None, pl.LazyFrame | None]:
         """One input part joined with the stage's results: kept rows, rejects, quarantined rows."""
-        df = self._read(part).with_columns(keys[IN_KEY_COL])
+        df = self.cache.read(part).with_columns(keys[IN_KEY_COL])
         quar = None
         failed = df.filter(pl.col(IN_KEY_COL).is_in(errors[IN_KEY_COL].implode())) if errors.height else df.head(0)
         if failed.height:

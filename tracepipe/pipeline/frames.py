@@ -17,6 +17,7 @@ import json
 import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,43 +147,44 @@ class FrameCache:
         self.used.add(digest)
         return Part(path, digest, rows, m)
 
-    def get_meta(self, name: str) -> dict[str, Any] | None:
-        """A small JSON record kept with the cache (``<name>.json``, no Parquet file)."""
+    def _find(self, name: str, suffix: str) -> Path | None:
+        """``<name><suffix>`` kept with the cache (this run's scratch first), marked as used."""
         for d in (self.scratch, self.root):
-            if d is not None and (d / f"{name}.json").exists():
+            if d is not None and (d / f"{name}{suffix}").exists():
                 self.used.add(name)
-                try:
-                    return dict(json.loads((d / f"{name}.json").read_text()))
-                except (OSError, ValueError):
-                    return None
+                return d / f"{name}{suffix}"
         return None
 
-    def put_meta(self, name: str, data: dict[str, Any]) -> None:
+    def _write(self, name: str, suffix: str, write: Callable[[Path], None]) -> None:
+        """Write ``<name><suffix>`` atomically (to a temp name, then renamed), marked as used."""
         d = self.scratch if self.scratch is not None else self.root
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".tmp-{uuid.uuid4().hex}.json"
-        tmp.write_text(json.dumps(data, default=str))
-        os.replace(tmp, d / f"{name}.json")
+        tmp = d / f".tmp-{uuid.uuid4().hex}{suffix}"
+        write(tmp)
+        os.replace(tmp, d / f"{name}{suffix}")
         self.used.add(name)
+
+    def get_meta(self, name: str) -> dict[str, Any] | None:
+        """A small JSON record kept with the cache (``<name>.json``, no Parquet file)."""
+        path = self._find(name, ".json")
+        try:
+            return dict(json.loads(path.read_text())) if path is not None else None
+        except (OSError, ValueError):
+            return None
+
+    def put_meta(self, name: str, data: dict[str, Any]) -> None:
+        self._write(name, ".json", lambda tmp: tmp.write_text(json.dumps(data, default=str)))
 
     def get_array(self, name: str) -> np.ndarray | None:
         """A numpy array kept with the cache (``<name>.npy``), or None."""
-        for d in (self.scratch, self.root):
-            if d is not None and (d / f"{name}.npy").exists():
-                self.used.add(name)
-                try:
-                    return np.load(d / f"{name}.npy", allow_pickle=False)
-                except (OSError, ValueError):
-                    return None
-        return None
+        path = self._find(name, ".npy")
+        try:
+            return np.load(path, allow_pickle=False) if path is not None else None
+        except (OSError, ValueError):
+            return None
 
     def put_array(self, name: str, arr: np.ndarray) -> None:
-        d = self.scratch if self.scratch is not None else self.root
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".tmp-{uuid.uuid4().hex}.npy"
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, d / f"{name}.npy")
-        self.used.add(name)
+        self._write(name, ".npy", lambda tmp: np.save(tmp, arr, allow_pickle=False))
 
     def gc(self, keep: set[str]) -> int:
         """Delete parts not in ``keep`` (and orphan temp files); returns files removed."""

@@ -140,14 +140,13 @@ def _first(schema: pl.Schema, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in schema), None)
 
 
-def length_stats(final: pl.LazyFrame, schema: pl.Schema | None = None) -> dict[str, Any]:
+def length_stats(final: pl.LazyFrame, schema: pl.Schema) -> dict[str, Any]:
     """Trace length histograms: teacher completion tokens, and the trace before/after compression.
 
     Token counts come from columns where the rows have them (``completion_tokens``,
     ``reasoning_tokens``, ``reasoning_compressed_tokens``); otherwise lengths are estimated as
     characters / 4, and ``unit`` says so.
     """
-    schema = schema if schema is not None else final.collect_schema()
     out: dict[str, Any] = {"hists": {}, "unit": None, "completion_tokens": None, "compression": None}
     if "completion_tokens" in schema:
         ct = final.select(pl.col("completion_tokens").cast(pl.Float64)).collect().to_series().drop_nulls().to_numpy()
@@ -185,9 +184,8 @@ def length_stats(final: pl.LazyFrame, schema: pl.Schema | None = None) -> dict[s
     return out
 
 
-def verification_stats(final: pl.LazyFrame, rejects: list[str], schema: pl.Schema | None = None) -> dict[str, Any] | None:
+def verification_stats(final: pl.LazyFrame, rejects: list[str], schema: pl.Schema) -> dict[str, Any] | None:
     """Verdict counts over the kept rows, and over every verified sample (kept + dropped later)."""
-    schema = schema if schema is not None else final.collect_schema()
     if "verdict" not in schema:
         return None
     kept = dict(final.group_by("verdict").len().collect().iter_rows())
@@ -214,8 +212,7 @@ def verification_stats(final: pl.LazyFrame, rejects: list[str], schema: pl.Schem
     return {"kept": rates(kept), "all": rates(allv), "by_domain": by_domain}
 
 
-def difficulty_stats(final: pl.LazyFrame, schema: pl.Schema | None = None) -> dict[str, Any] | None:
-    schema = schema if schema is not None else final.collect_schema()
+def difficulty_stats(final: pl.LazyFrame, schema: pl.Schema) -> dict[str, Any] | None:
     if "difficulty" not in schema and "pass_rate" not in schema:
         return None
     per = final.select([c for c in ("id", "difficulty", "pass_rate") if c in schema])
@@ -230,8 +227,8 @@ def difficulty_stats(final: pl.LazyFrame, schema: pl.Schema | None = None) -> di
     return out
 
 
-def teacher_stats(final: pl.LazyFrame, schema: pl.Schema | None = None) -> list[dict[str, Any]]:
-    if "teacher" not in (schema if schema is not None else final.collect_schema()):
+def teacher_stats(final: pl.LazyFrame, schema: pl.Schema) -> list[dict[str, Any]]:
+    if "teacher" not in schema:
         return []
     df = final.group_by("teacher").len().sort("len", descending=True).collect()
     return [{"teacher": str(t), "rows": int(n)} for t, n in df.iter_rows() if t is not None]

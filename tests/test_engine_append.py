@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -344,14 +345,22 @@ def test_bounded_memory_paths_give_the_same_rows(tmp_path: Path, monkeypatch: py
     d = tmp_path / "small"
     d.mkdir()
     src = write_jsonl(d / "src.jsonl", rows[:3000])
-    recipe = _recipe(d, src)
+    # batches of 500 (an execution parameter: the same fingerprint, the same results)
+    stages = [STAGES[0], {"filter": {**STAGES[1]["filter"], "batch_size": 500}}, *STAGES[2:]]
+    recipe = _recipe(d, src, stages)
     first = _run(recipe)
-    assert first["stages"][1]["computed"] == first["stages"][1]["rows_in"] > 2048  # more than a batch: groups of 700
+    assert first["stages"][1]["computed"] == first["stages"][1]["rows_in"] > 500  # more than a batch: groups of 700
     write_jsonl(src, rows)
     second = _run(recipe)
     assert second["stages"][1]["computed"] == second["stages"][1]["rows_in"] - first["stages"][1]["rows_in"]
     assert _rows(d / "out").equals(_rows(fresh_out))
     assert [s["rows_out"] for s in second["stages"]] == [s["rows_out"] for s in fresh_stats["stages"]]
+    # the frame cache is lost: every part is worked on again, in groups, and the store (found
+    # through a key index rebuilt from it) has every result: nothing is computed
+    shutil.rmtree(d / "work" / "frames")
+    third = _run(recipe)
+    assert third["stages"][1]["computed"] == 0 and third["stages"][1]["cached"] == third["stages"][1]["rows_in"]
+    assert _rows(d / "out").equals(_rows(fresh_out))
 
 
 def test_appended_rows_are_deduplicated_through_the_index_without_reading_old_rows(

@@ -216,10 +216,7 @@ class StageStore:
         parts = self.parts()
         if not parts:
             return keys
-        if self.local:
-            committed = pl.concat([pl.scan_parquet(p).select(IN_KEY_COL) for p in parts])
-        else:
-            committed = pl.DataFrame({IN_KEY_COL: [k for chunk in self._map(self._read_keys, parts) for k in chunk]}, schema={IN_KEY_COL: pl.String}).lazy()
+        committed = self.key_column(parts).to_frame().lazy()
         want = keys.to_frame(IN_KEY_COL).lazy()
         return want.join(committed, on=IN_KEY_COL, how="anti", maintain_order="left").collect().to_series()
 

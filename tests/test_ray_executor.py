@@ -23,6 +23,7 @@ from pydantic import Field
 
 import tracepipe
 from tracepipe.pipeline.executors import get_executor
+from tracepipe.pipeline.executors.base import Committer, RowSource
 from tracepipe.pipeline.executors.local import LocalExecutor
 from tracepipe.pipeline.executors.ray import RayExecutor, parse_bytes, stage_engine
 from tracepipe.pipeline.keys import IN_KEY_COL
@@ -170,6 +171,9 @@ class Probe(RowStage):
     reads = ("x",)
     adds = ("y", "pid", "setup_id")
 
+    def engine_names(self) -> list[str]:
+        return [self.params.engine] if self.params.engine else []
+
     def setup(self) -> None:
         self.setup_id = f"{os.getpid()}-{time.perf_counter_ns()}"
 
@@ -197,7 +201,10 @@ def run_probe(executor: Any, params: ProbeParams, n: int = 300) -> tuple[pl.Data
     def on_progress(res: Any) -> None:
         seen["n_in"] += res.n_in
 
-    errors = executor.run_row_stage(stage, iter(df.iter_slices(stage.rows_per_batch())), committed.append, on_progress)
+    rows = RowSource(df.height, lambda size: iter(df.iter_slices(size)))
+    sink = Committer(committed.append, stage.rows_per_batch(), 3600.0)
+    errors = executor.run_row_stage(stage, rows, sink, on_progress)
+    sink.flush()
     return pl.concat(committed, how="diagonal_relaxed"), errors, seen["n_in"]
 
 

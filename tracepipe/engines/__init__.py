@@ -13,13 +13,14 @@ from tracepipe.engines.base import (
     Completion,
     Engine,
     EngineConfig,
+    EngineFatalError,
     GenerationRequest,
     SamplingParams,
     ScoreResult,
 )
 
 __all__ = [
-    "Completion", "Engine", "EngineConfig", "GenerationRequest", "SamplingParams", "ScoreResult",
+    "Completion", "Engine", "EngineConfig", "EngineFatalError", "GenerationRequest", "SamplingParams", "ScoreResult",
     "build_engine", "engine_config_model", "engine_fingerprint", "known_engine_kinds", "register_engine",
 ]
 

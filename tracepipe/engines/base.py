@@ -65,8 +65,17 @@ class ScoreResult:
     topk_logprobs: list[list[float]] | None = None
 
 
+class EngineFatalError(RuntimeError):
+    """An error no retry can fix (key refused, no such model): the stage stops at once.
+
+    Row errors are quarantined one by one; this one would fail every row the same way, so the
+    runtime stops the stage with this message instead of sending the rest."""
+
+
 class Engine(ABC):
     kind: ClassVar[str] = ""
+    #: work that needs no model (a replay engine): a stage drives it in big batches, not streamed
+    bulk: ClassVar[bool] = False
 
     def __init__(self, config: EngineConfig, ctx: Any = None) -> None:
         self.config = config
@@ -96,6 +105,18 @@ class Engine(ABC):
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoreResult]:
         raise NotImplementedError(f"engine kind {self.kind!r} cannot score token ids")
+
+    def capacity(self) -> int:
+        """Requests the engine runs at once (API slots, vLLM's ``max_num_seqs``).
+
+        The runtime keeps at least this many requests submitted while rows remain, so the
+        engine never idles between batches. ``generate`` and ``score`` must then be safe to call
+        from several threads at once; an engine that is not keeps the default of 1."""
+        return 1
+
+    def usage(self) -> dict[str, float]:
+        """Cumulative counters since start (requests, tokens, retries, rates) for the stats."""
+        return {}
 
     def row_columns(self) -> list[str]:
         """Columns of the source row this engine reads (a replay engine's trace column); they

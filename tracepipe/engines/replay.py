@@ -42,6 +42,7 @@ class ReplayConfig(EngineConfig):
 @register_engine("replay", ReplayConfig)
 class ReplayEngine(Engine):
     config: ReplayConfig
+    bulk = True  # no model: rows are curated in big batches
 
     def __init__(self, config: EngineConfig, ctx: Any = None) -> None:
         super().__init__(config, ctx)

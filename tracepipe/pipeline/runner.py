@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
-from tracepipe.pipeline.executors.base import BatchResult
+from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource
 from tracepipe.pipeline.frames import (
     FrameCache,
     Part,
@@ -78,6 +78,8 @@ TODO_MEMORY_BYTES = 64 << 20
 #: a row stage whose input parts to work on are this small (on disk) reads each once and holds it
 HOLD_PARTS_BYTES = 8 << 20
 RUNNER_VERSION = "2"
+#: a streamed stage commits what finished at least this often (seconds), however few rows
+COMMIT_SECONDS = 30.0
 #: seed of the hashes a set stage's append-key index holds
 INDEX_SEED = 0x5E7
 
@@ -453,23 +455,27 @@ class Runner:
     def _process(
         self, stage: RowStage, store: StageStore, index: KeyIndex, todo: Path | pa.Table, st: StageStats, prog: Progress,
     ) -> pl.DataFrame:
-        bs = stage.rows_per_batch()
+        """Run the executor over the rows to compute; commit results in completion order."""
         if isinstance(todo, pa.Table):
-            table = todo
+            table = self._by_length(stage, todo)
             total = table.num_rows
-            arrow_batches: Iterator[pa.RecordBatch] = iter(table.to_batches(max_chunksize=bs))
-        else:
-            pf = pq.ParquetFile(todo)
-            total = pf.metadata.num_rows
-            arrow_batches = pf.iter_batches(batch_size=bs, use_threads=False)
-        task = prog.task(f"{stage.name}", total)
-        t0 = time.perf_counter()
 
-        def batches() -> Iterator[pl.DataFrame]:
-            for b in arrow_batches:
+            def arrow_batches(size: int) -> Iterator[pa.RecordBatch]:
+                return iter(table.to_batches(max_chunksize=size))
+        else:
+            total = pq.ParquetFile(todo).metadata.num_rows
+
+            def arrow_batches(size: int) -> Iterator[pa.RecordBatch]:
+                return pq.ParquetFile(todo).iter_batches(batch_size=size, use_threads=False)
+
+        def batches(size: int) -> Iterator[pl.DataFrame]:
+            for b in arrow_batches(size):
                 df = pl.from_arrow(b)
                 assert isinstance(df, pl.DataFrame)
                 yield df
+
+        task = prog.task(f"{stage.name}", total)
+        t0 = time.perf_counter()
 
         def on_progress(res: BatchResult) -> None:
             st.computed += res.n_in
@@ -479,13 +485,26 @@ class Runner:
             rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
             prog.advance(task, res.n_in, rate)
 
-        def commit(df: pl.DataFrame) -> None:  # on the driver, as each batch completes
+        def commit(df: pl.DataFrame) -> None:  # on the driver, in completion order
             index.add(store.commit(df), df[IN_KEY_COL].unique())
 
+        committer = Committer(commit, stage.rows_per_batch(), float(self.ctx.options.get("commit_seconds", COMMIT_SECONDS)))
         try:
-            return self.executor.run_row_stage(stage, batches(), commit, on_progress)
+            return self.executor.run_row_stage(stage, RowSource(total, batches), committer, on_progress)
         finally:
+            committer.flush()  # what finished is kept, even when the stage stops on an error
             st.compute_seconds = time.perf_counter() - t0
+            st.extra["parts_committed"] = committer.parts
+
+    @staticmethod
+    def _by_length(stage: RowStage, table: pa.Table) -> pa.Table:
+        """Rows of like work together (longest first), when the stage says what a row's work is."""
+        df = pl.from_arrow(table)
+        assert isinstance(df, pl.DataFrame)
+        length = stage.length_of(df)
+        if length is None:
+            return table
+        return df.with_columns(length.alias("__len")).sort("__len", descending=True, maintain_order=True).drop("__len").to_arrow()
 
     def _join_part(
         self, stage: RowStage, part: Part, keys: pl.DataFrame, res: pl.DataFrame | None, errors: pl.DataFrame,

@@ -13,6 +13,7 @@ domain is routed by what the row has: ``tests`` -> code, else math). Both are cr
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,9 @@ class Reverifier:
         self.code_workers = code_workers
         self._math: Any = None
         self._code: Any = None
+        # a streamed stage calls check() from several threads; the math workers serve one batch
+        # at a time (the check is milliseconds beside the engine call that precedes it)
+        self._math_lock = threading.Lock()
 
     def _math_checker(self) -> Any:
         if self._math is None:
@@ -81,7 +85,8 @@ class Reverifier:
         math_idx = [i for i, r in enumerate(routes) if r == "math"]
         code_idx = [i for i, r in enumerate(routes) if r == "code"]
         if math_idx:
-            res = self._math_checker().check([(items[i].response, items[i].gold) for i in math_idx])
+            with self._math_lock:
+                res = self._math_checker().check([(items[i].response, items[i].gold) for i in math_idx])
             for i, r in zip(math_idx, res):
                 out[i] = Outcome(r.verdict, r.pred_answer, r.detail)
         if code_idx:
@@ -111,6 +116,9 @@ class EngineReverifierLifecycle:
         if self._rv is None:
             self._rv = Reverifier(math_timeout_s=self.params.math_timeout_s, math_workers=self.params.verify_workers)
         return self._rv
+
+    def engine_names(self) -> list[str]:
+        return [self.params.engine] if self.params.engine else []
 
     def setup(self) -> None:
         self.ctx.engine(self.params.engine).ensure_started()

@@ -155,6 +155,12 @@ class Stage(ABC):
         """Anything beyond params and version that changes output (e.g. an engine fingerprint)."""
         return {}
 
+    def engine_names(self) -> list[str]:
+        """Engines (names under the recipe's ``engines``) this stage drives; the first one sets
+        how its rows are streamed. The runtime starts an engine before the first stage that names
+        it and releases it after the last one."""
+        return []
+
     def fingerprint_inputs(self) -> dict[str, Any]:
         return {
             "stage": self.name,
@@ -187,7 +193,13 @@ class RowStage(Stage):
     kind: ClassVar[Literal["row", "set"]] = "row"
     #: run in a process pool (pure-CPU Python work); model stages stay in-process.
     cpu_bound: ClassVar[bool] = False
-    #: rows per batch handed to ``process`` (and per committed store part).
+    #: one input row may give several output rows (``generate``'s samples): each output row gets
+    #: its own ``_key`` (``<parent>/<stage>:<i>``) and ``_parent``.
+    fanout: ClassVar[bool] = False
+    #: results are kept in the per-row store. A stage whose work is cheaper than storing it (a
+    #: SQL ``filter`` or ``map``) says False and is recomputed over each part on every run.
+    stored: ClassVar[bool] = True
+    #: rows per committed store part (and per ``process`` call, unless the stage streams).
     batch_size: ClassVar[int] = 2048
 
     @abstractmethod
@@ -196,6 +208,15 @@ class RowStage(Stage):
     def rows_per_batch(self) -> int:
         bs = getattr(self.params, "batch_size", None)
         return int(bs) if isinstance(bs, int) and bs > 0 else self.batch_size
+
+    def requests_per_row(self) -> int:
+        """Engine requests one input row makes (``generate``: ``n``): sizes the stream."""
+        return 1
+
+    def length_of(self, batch: pl.DataFrame) -> pl.Series | None:
+        """Work per row, if the stage knows it (text length to embed): the runtime then hands
+        ``process`` rows of like length together, so a padded forward pass wastes little."""
+        return None
 
 
 class SetStage(Stage):

@@ -140,6 +140,12 @@ class Generate(RowStage):
         cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
+    def engine_names(self) -> list[str]:
+        return [self.params.engine]
+
+    def requests_per_row(self) -> int:
+        return self.params.n
+
     def fingerprint_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"engine": self.ctx.engine_fingerprint(self.params.engine)}
         sampling_args = getattr(self._engine_config(), "sampling_args", None)

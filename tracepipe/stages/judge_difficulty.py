@@ -104,6 +104,9 @@ class JudgeDifficulty(RowStage):
         cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
+    def engine_names(self) -> list[str]:
+        return [self.params.engine]
+
     def fingerprint_extra(self) -> dict[str, Any]:
         return {"judge": self.ctx.engine_fingerprint(self.params.engine)}
 

@@ -323,6 +323,10 @@ class Logprobs(RowStage):
             cols = [c for c in cols if not c.startswith("teacher_topk_")]
         return cols
 
+    def engine_names(self) -> list[str]:
+        p = self.params
+        return [p.engine] + ([str(p.student_engine)] if p.student_engine and p.student_engine != p.engine else [])
+
     def fingerprint_extra(self) -> dict[str, Any]:
         guard = self.check_guard()
         extra: dict[str, Any] = {"engine": guard["teacher"]}

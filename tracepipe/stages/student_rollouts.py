@@ -96,6 +96,9 @@ class StudentRollouts(EngineReverifierLifecycle, RowStage):
         cols += [c for c in self.ctx.engine_row_columns(self.params.engine) if c not in cols]
         return cols
 
+    def requests_per_row(self) -> int:
+        return self.params.k
+
     def fingerprint_extra(self) -> dict[str, Any]:
         return {"student": self.ctx.engine_fingerprint(self.params.engine)}
 

@@ -1,7 +1,17 @@
-"""What every executor shares: error isolation per row and output normalization."""
+"""What every executor shares: the stream plan, the committer, error isolation, normalization.
+
+A row stage's missing rows reach an executor as one :class:`RowSource`. Model stages *stream*:
+the executor keeps ``calls_in_flight`` calls of ``rows_per_call`` rows running (see
+:func:`stream_plan`), so the engine always has more requests than it can run and never drains
+between batches. Finished rows go to a :class:`Committer` in completion order, which commits
+them as store parts bounded by rows and seconds: a crash (even ``kill -9``) loses only what was
+in flight or finished in the last ``part_seconds``, and a rerun asks only for rows not committed.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -9,9 +19,13 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from tracepipe.engines.base import EngineFatalError
 from tracepipe.pipeline.keys import IN_KEY_COL
 from tracepipe.pipeline.store import IDX_COL
 from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage
+
+#: most calls a streamed stage keeps in flight (threads blocked on the engine: cheap, not free)
+MAX_CALLS_IN_FLIGHT = 1024
 
 
 @dataclass
@@ -21,6 +35,79 @@ class BatchResult:
     ok: pl.DataFrame
     errors: pl.DataFrame
     n_in: int
+
+
+class RowSource:
+    """A row stage's missing rows: ``total`` rows, handed out in batches of any size."""
+
+    def __init__(self, total: int, batches: Callable[[int], Iterator[pl.DataFrame]]) -> None:
+        self.total = total
+        self._batches = batches
+
+    def batches(self, size: int) -> Iterator[pl.DataFrame]:
+        return self._batches(max(1, size))
+
+
+@dataclass
+class StreamPlan:
+    """How an executor feeds a stage: rows per ``process`` call and calls kept in flight."""
+
+    rows_per_call: int
+    calls_in_flight: int
+
+
+def stream_plan(stage: RowStage) -> StreamPlan:
+    """Model stages on an engine that runs many requests at once stream one row per call, with
+    more calls in flight than the engine's capacity: every unfinished call holds at least one
+    unfinished request, so the engine always has work queued behind what it runs. Everything
+    else runs in batches of ``rows_per_batch``, one at a time (or in the CPU pool)."""
+    names = [n for n in stage.engine_names() if n in stage.ctx.engines]
+    if names:
+        engine = stage.ctx.engine(names[0])
+        cap = 1 if engine.bulk else engine.capacity()
+        if cap > 1:
+            return StreamPlan(1, min(MAX_CALLS_IN_FLIGHT, cap + max(4, cap // 4)))
+    return StreamPlan(stage.rows_per_batch(), 1)
+
+
+class Committer:
+    """Collects finished rows (completion order) and commits them in parts bounded by rows and
+    seconds; thread-safe. ``commit`` is called on the thread that fills or ticks the part."""
+
+    def __init__(self, commit: Callable[[pl.DataFrame], None], part_rows: int, part_seconds: float) -> None:
+        self._commit = commit
+        self.part_rows = max(1, part_rows)
+        self.part_seconds = part_seconds
+        self._buf: list[pl.DataFrame] = []
+        self._rows = 0  # input rows held
+        self._since = time.monotonic()
+        self._lock = threading.Lock()
+        self.parts = 0
+
+    def __call__(self, res: BatchResult) -> None:
+        with self._lock:
+            if res.ok.height:
+                self._buf.append(res.ok)
+            self._rows += res.n_in
+            if self._rows >= self.part_rows:
+                self._flush()
+
+    def tick(self) -> None:
+        """Commit what is held if the oldest of it waited ``part_seconds``."""
+        with self._lock:
+            if self._buf and time.monotonic() - self._since >= self.part_seconds:
+                self._flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            df = pl.concat(self._buf, how="diagonal_relaxed") if len(self._buf) > 1 else self._buf[0]
+            self._commit(df)
+            self.parts += 1
+        self._buf, self._rows, self._since = [], 0, time.monotonic()
 
 
 def _error_frame(keys: list[str], errors: list[str]) -> pl.DataFrame:
@@ -65,6 +152,8 @@ def safe_process(stage: RowStage, batch: pl.DataFrame) -> BatchResult:
         out = stage.process(batch)
         ok, errors = normalize_output(stage, batch, out)
         return BatchResult(ok, errors, batch.height)
+    except EngineFatalError:  # the engine refuses everything: no row is to blame
+        raise
     except Exception as e:  # noqa: BLE001 - any error of user data / model code is quarantined
         if batch.height == 1:
             return BatchResult(pl.DataFrame(), _error_frame(batch[IN_KEY_COL].to_list(), [_describe(e)]), 1)
@@ -76,7 +165,7 @@ def safe_process(stage: RowStage, batch: pl.DataFrame) -> BatchResult:
 
 
 class Executor(ABC):
-    """Runs a row stage over batches of missing rows, committing each result as it completes."""
+    """Runs a row stage over its missing rows, handing each result to ``commit`` as it completes."""
 
     kind: str = ""
 
@@ -84,11 +173,12 @@ class Executor(ABC):
     def run_row_stage(
         self,
         stage: RowStage,
-        batches: Iterator[pl.DataFrame],
-        commit: Callable[[pl.DataFrame], None],
+        rows: RowSource,
+        commit: Committer,
         on_progress: Callable[[BatchResult], None],
     ) -> pl.DataFrame:
-        """Process every batch; returns the error rows (``_in_key``, ``_error``)."""
+        """Process every row; returns the error rows (``_in_key``, ``_error``). Results go to
+        ``commit`` (which the caller flushes at the end); call ``commit.tick()`` now and then."""
 
     def close(self) -> None:
         pass

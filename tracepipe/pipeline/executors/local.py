@@ -1,8 +1,15 @@
-"""Local executor: in-process for model stages, a process pool for CPU-bound row stages.
+"""Local executor: model stages stream on threads, CPU-bound stages run in a process pool.
 
-CPU-bound stages (``cpu_bound = True``) run in ``workers`` spawned processes (all cores by
-default), each with its own ``setup()``; results are committed in the parent as each batch
-completes, so a crash loses at most the batches in flight.
+- **Model stages** (an engine that runs many requests at once) keep
+  :func:`~tracepipe.pipeline.executors.base.stream_plan`'s calls in flight on a thread pool; a
+  finished call is replaced before its rows are committed, so the engine never waits on the
+  runtime's bookkeeping.
+- **CPU-bound stages** (``cpu_bound = True``) run in ``workers`` spawned processes (all cores by
+  default), each with its own ``setup()``, two batches per worker queued.
+- Anything else runs batch after batch in this thread.
+
+Results are committed here, in the calling thread, as they complete (see
+:class:`~tracepipe.pipeline.executors.base.Committer`).
 """
 
 from __future__ import annotations
@@ -10,11 +17,19 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor as FuturesExecutor
 
 import polars as pl
 
-from tracepipe.pipeline.executors.base import BatchResult, Executor, safe_process
+from tracepipe.pipeline.executors.base import (
+    BatchResult,
+    Committer,
+    Executor,
+    RowSource,
+    safe_process,
+    stream_plan,
+)
 from tracepipe.pipeline.keys import IN_KEY_COL
 from tracepipe.stages.base import ERROR_COL, RowStage
 
@@ -40,6 +55,35 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def keep_full(
+    pool: FuturesExecutor, submit: Callable[[pl.DataFrame], Future[BatchResult]], batches: Iterator[pl.DataFrame],
+    in_flight: int, handle: Callable[[BatchResult], None], tick: Callable[[], None], tick_s: float = 1.0,
+) -> None:
+    """Keep ``in_flight`` calls running until ``batches`` runs out: each finished call is
+    replaced first, then its result handled. On an error the calls not started are cancelled."""
+    pending: set[Future[BatchResult]] = set()
+
+    def fill() -> None:
+        while len(pending) < in_flight:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            pending.add(submit(batch))
+
+    try:
+        fill()
+        while pending:
+            done, pending = wait(pending, timeout=tick_s, return_when=FIRST_COMPLETED)
+            fill()
+            for f in done:
+                handle(f.result())
+            tick()
+    except BaseException:
+        for f in pending:
+            f.cancel()
+        raise
+
+
 class LocalExecutor(Executor):
     kind = "local"
 
@@ -49,43 +93,41 @@ class LocalExecutor(Executor):
     def run_row_stage(
         self,
         stage: RowStage,
-        batches: Iterator[pl.DataFrame],
-        commit: Callable[[pl.DataFrame], None],
+        rows: RowSource,
+        commit: Committer,
         on_progress: Callable[[BatchResult], None],
     ) -> pl.DataFrame:
         errors: list[pl.DataFrame] = []
 
         def handle(res: BatchResult) -> None:
-            if res.ok.height:
-                commit(res.ok)
+            commit(res)
             if res.errors.height:
                 errors.append(res.errors)
             on_progress(res)
 
         if stage.cpu_bound and self.workers > 1:
-            self._pool(stage, batches, handle)
+            batches = rows.batches(stage.rows_per_batch())
+            with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(stage,)) as pool:
+                keep_full(pool, lambda b: pool.submit(_work, b), batches, 2 * self.workers, handle, commit.tick)
         else:
             stage.setup()
             try:
-                for batch in batches:
-                    handle(safe_process(stage, batch))
+                plan = stream_plan(stage)
+                batches = rows.batches(plan.rows_per_call)
+                if plan.calls_in_flight > 1:
+                    pool = ThreadPoolExecutor(plan.calls_in_flight, thread_name_prefix=f"tracepipe-{stage.name}")
+                    try:
+                        keep_full(pool, lambda b: pool.submit(safe_process, stage, b), batches,
+                                  plan.calls_in_flight, handle, commit.tick)
+                    finally:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                else:
+                    for batch in batches:
+                        handle(safe_process(stage, batch))
+                        commit.tick()
             finally:
                 stage.teardown()
         if errors:
             return pl.concat(errors)
         return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
-
-    def _pool(self, stage: RowStage, batches: Iterator[pl.DataFrame], handle: Callable[[BatchResult], None]) -> None:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:
-            pending: set[Future[BatchResult]] = set()
-            for batch in batches:
-                pending.add(pool.submit(_work, batch))
-                if len(pending) >= 2 * self.workers:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        handle(f.result())
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    handle(f.result())

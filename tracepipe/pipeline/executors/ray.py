@@ -47,7 +47,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tracepipe.pipeline.executors.base import BatchResult, Executor, safe_process
+from tracepipe.pipeline.executors.base import BatchResult, Committer, Executor, RowSource, safe_process
 from tracepipe.pipeline.keys import IN_KEY_COL
 from tracepipe.stages.base import ERROR_COL, RowStage
 
@@ -180,11 +180,9 @@ class StageActor:
 
 
 def stage_engine(stage: RowStage) -> str | None:
-    """The engine a row stage uses (``params.engine``), or ``"?"`` if it only says ``uses_engine``."""
-    name = getattr(stage.params, "engine", None)
-    if isinstance(name, str) and name:
-        return name
-    return "?" if getattr(stage, "uses_engine", False) else None
+    """The engine a row stage drives (the first of :meth:`~RowStage.engine_names`), or None."""
+    names = stage.engine_names()
+    return names[0] if names else None
 
 
 def engine_gpus(cfg: Any) -> int:
@@ -268,8 +266,8 @@ class RayExecutor(Executor):
     def run_row_stage(
         self,
         stage: RowStage,
-        batches: Iterator[pl.DataFrame],
-        commit: Callable[[pl.DataFrame], None],
+        rows: RowSource,
+        commit: Committer,
         on_progress: Callable[[BatchResult], None],
     ) -> pl.DataFrame:
         import ray
@@ -285,7 +283,7 @@ class RayExecutor(Executor):
             if not any(isinstance(f, _QuietRayData) for f in h.filters):
                 h.addFilter(_QuietRayData())
 
-        refs = [ray.put(_encode_input(b)) for b in batches if b.height]
+        refs = [ray.put(_encode_input(b)) for b in rows.batches(stage.rows_per_batch()) if b.height]
         errors: list[pl.DataFrame] = []
         if refs:
             ds = ray.data.from_arrow_refs(refs)
@@ -307,8 +305,8 @@ class RayExecutor(Executor):
             t0 = time.perf_counter()
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 for res in _decode_results(table):
-                    if res.ok.height:
-                        commit(res.ok)
+                    commit(res)
+                    commit.tick()
                     if res.errors.height:
                         errors.append(res.errors)
                     on_progress(res)

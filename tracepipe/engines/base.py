@@ -9,6 +9,7 @@ the model, since plans and cache lookups need it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -81,6 +82,8 @@ class Engine(ABC):
         self.config = config
         self.ctx = ctx
         self._started = False
+        #: called once the engine has started (the run records when each engine lived)
+        self.on_start: Callable[[], None] | None = None
 
     def start(self) -> None:
         """Load the model / open clients. Idempotent."""
@@ -90,6 +93,8 @@ class Engine(ABC):
         if not self._started:
             self.start()
             self._started = True
+            if self.on_start is not None:
+                self.on_start()
 
     @abstractmethod
     def fingerprint(self) -> str:

@@ -39,6 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracepipe.engines.base import EngineFatalError
 from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource
@@ -235,6 +236,7 @@ class Runner:
                 rejects: list[tuple[str, list[Part]]] = []
                 quarantine: list[tuple[str, Path]] = []
                 pending = False
+                last_use = {name: i for i, (stage, _, _) in enumerate(stages) for name in stage.engine_names()}
                 with Progress(self.progress and not plan, self.console) as prog:
                     for i, (stage, store, fp) in enumerate(stages):
                         st = StageStats(index=i, name=stage.name, kind=stage.kind, fingerprint=fp, upstream_pending=pending)
@@ -243,7 +245,11 @@ class Runner:
                         tag = f"{i + 1:03d}-{stage.name}"
                         quar: Path | None = None
                         if isinstance(stage, RowStage):
-                            parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
+                            try:
+                                parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
+                            except EngineFatalError as e:
+                                raise RunFailed(f"stages[{i}].{stage.name}: {e} (stopped at once; "
+                                                f"{st.computed} rows done and committed are kept)") from None
                             if quar is not None:
                                 quarantine.append((tag, quar))
                         elif isinstance(stage, SetStage):
@@ -257,6 +263,7 @@ class Runner:
                             st.extra.update(stage.summarize(scan_parts(parts)))
                         st.seconds = time.perf_counter() - t_stage
                         pending = pending or st.to_compute > 0
+                        self._release_engines(stage, i, last_use, st)
                         if not plan:
                             self._check_errors(stage, st, quar)
                 result.final_parts = parts
@@ -277,13 +284,26 @@ class Runner:
                 stats.error = f"{type(e).__name__}: {e}"
                 raise
             finally:
+                self.ctx.close()
+                stats.engines = [{"t": round(t, 3), "engine": name, "event": ev} for t, name, ev in self.ctx.engine_events]
                 stats.seconds = time.perf_counter() - t_run
                 if not plan:
                     self._save_stats(stats)
-                self.ctx.close()
                 self.executor.close()
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
+
+    def _release_engines(self, stage: Stage, i: int, last_use: dict[str, int], st: StageStats) -> None:
+        """Record the stage's engine counters; close the engines no later stage names, so the
+        next model fits in the memory this one held (unless ``keep_engines`` is set)."""
+        for name in stage.engine_names():
+            if last_use.get(name) == i and not self.ctx.options.get("keep_engines"):
+                usage = self.ctx.release(name)
+            else:
+                live = self.ctx.live(name)
+                usage = live.usage() if live is not None else {}
+            if usage:
+                st.extra.setdefault("engines", {})[name] = usage
 
     def _check_errors(self, stage: Stage, st: StageStats, quar: Path | None) -> None:
         denom = max(1, st.computed)
@@ -524,7 +544,7 @@ class Runner:
             joined = df.drop([c for c in res_cols if c in df.columns]).join(
                 mine, on=IN_KEY_COL, how="inner", maintain_order="left_right"
             )
-        if getattr(stage, "fanout", False):
+        if stage.fanout:
             joined = joined.with_columns(
                 pl.col(KEY_COL).alias(PARENT_COL),
                 pl.concat_str([pl.col(KEY_COL), pl.lit(f"/{stage.name}:"), pl.col(IDX_COL).cast(pl.String)]).alias(KEY_COL),

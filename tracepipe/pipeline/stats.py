@@ -51,6 +51,7 @@ class RunStats:
     source_seconds: float = 0.0
     stages: list[StageStats] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    engines: list[dict[str, Any]] = field(default_factory=list)  # when each engine started / was released
     seconds: float = 0.0
     ok: bool = True
     error: str | None = None
@@ -66,4 +67,5 @@ class RunStats:
             "source": {"rows": self.source_rows, "seconds": round(self.source_seconds, 3)},
             "stages": [s.to_dict() for s in self.stages],
             "outputs": self.outputs,
+            "engines": self.engines,
         }

@@ -22,6 +22,7 @@ Conventions of the frames a stage returns (all optional except ``_in_key`` / ``_
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,17 +87,37 @@ class StageContext:
     workdir: Path = field(default_factory=lambda: Path(".tracepipe"))
     engines: dict[str, Any] = field(default_factory=dict)  # name -> engine config model
     options: dict[str, Any] = field(default_factory=dict)
+    #: (unix time, engine name, "start" | "release"), in order: when each engine lived
+    engine_events: list[tuple[float, str, str]] = field(default_factory=list)
     _live: dict[str, Engine] = field(default_factory=dict, repr=False)
 
     def engine(self, name: str) -> Engine:
-        """The engine named in the recipe, started once per process and reused."""
+        """The engine named in the recipe, built once per process and shared by the stages
+        that name it until :meth:`release`."""
         if name not in self._live:
             from tracepipe.engines import build_engine
 
             if name not in self.engines:
                 raise KeyError(f"engine {name!r} is not defined in the recipe's `engines` (have: {sorted(self.engines)})")
-            self._live[name] = build_engine(self.engines[name], self)
+            eng = build_engine(self.engines[name], self)
+            eng.on_start = lambda: self.engine_events.append((time.time(), name, "start"))
+            self._live[name] = eng
         return self._live[name]
+
+    def live(self, name: str) -> Engine | None:
+        """The engine if this run built it (and has not released it)."""
+        return self._live.get(name)
+
+    def release(self, name: str) -> dict[str, float]:
+        """Close an engine no later stage needs (vLLM: engine core, weights and KV cache freed);
+        returns its last usage counters."""
+        eng = self._live.pop(name, None)
+        if eng is None:
+            return {}
+        usage = eng.usage()
+        eng.close()
+        self.engine_events.append((time.time(), name, "release"))
+        return usage
 
     def engine_fingerprint(self, name: str) -> str:
         from tracepipe.engines import engine_fingerprint
@@ -116,12 +137,11 @@ class StageContext:
         return path if path.is_absolute() else (self.recipe_dir / path)
 
     def close(self) -> None:
-        for eng in self._live.values():
+        for name in list(self._live):
             try:
-                eng.close()
+                self.release(name)
             except Exception:  # pragma: no cover - best effort
-                pass
-        self._live.clear()
+                self._live.pop(name, None)
 
     def __getstate__(self) -> dict[str, Any]:  # live engines never cross process boundaries
         state = dict(self.__dict__)

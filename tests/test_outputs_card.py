@@ -120,12 +120,12 @@ def test_card_decontamination_and_compress_stage_stats(tmp_path: Path) -> None:
     assert fm["license"] == "unknown" and fm["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
 
 
-def test_card_template_comes_from_data_cards() -> None:
+def test_card_template_comes_from_the_package() -> None:
     import tracepipe
-    from tracepipe.outputs._card import templates_dirs
+    from tracepipe.outputs._card import templates_dir
 
-    assert templates_dirs()[0] == Path(tracepipe.__file__).resolve().parents[1] / "data_cards"
-    assert (templates_dirs()[0] / "dataset_card.md.j2").exists()
+    assert Path(str(templates_dir())).resolve() == Path(tracepipe.__file__).resolve().parent / "data_cards"
+    assert (templates_dir() / "dataset_card.md.j2").is_file() and (templates_dir() / "report.html.j2").is_file()
 
 
 @pytest.mark.parametrize("fmt", ["dpo-pairs", "sharegpt", "prompt-completion"])

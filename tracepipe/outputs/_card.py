@@ -1,22 +1,25 @@
-"""Dataset card: the numbers (``summary.json``), the plots, and ``README.md`` from ``data_cards/``.
+"""Dataset card: the numbers (``summary.json``), the plots, and ``README.md`` from the templates.
 
 :func:`summarize` aggregates the final rows, the run stats and the rejects into one JSON-able dict
 (teacher fingerprints, rows in/out and drop reasons per stage, verification pass rates,
 difficulty bands, decontamination and compression stats, length histograms). :func:`render_card`
-fills the Jinja template ``data_cards/dataset_card.md.j2`` with it, under a YAML front matter the
-Hub reads (``configs`` with ``data_files`` globs, license, task_categories, language,
-size_categories, tags, dataset_info). Everything written passes through
-:func:`tracepipe.outputs._secrets.scrub`.
+fills the Jinja template ``dataset_card.md.j2`` with it, under a YAML front matter the Hub reads
+(``configs`` with ``data_files`` globs, license, task_categories, language, size_categories,
+tags, dataset_info). Everything written passes through :func:`tracepipe.outputs._secrets.scrub`.
+
+The templates (this card's and the HTML report's) are package data in ``tracepipe/data_cards/``,
+found through the installed package only (:func:`templates_dir`), so a wheel install has them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import polars as pl
@@ -26,6 +29,10 @@ import tracepipe
 from tracepipe.outputs import _plots
 from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
 
+if TYPE_CHECKING:  # pragma: no cover
+    from importlib.resources.abc import Traversable
+
+TEMPLATES_DIR = "data_cards"
 CARD_TEMPLATE = "dataset_card.md.j2"
 PLOT_FILES = ("token_lengths.png", "difficulty.png")
 FORMAT_TAGS = {
@@ -49,25 +56,22 @@ def band_sorted(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
-def templates_dirs() -> list[Path]:
-    """Where card / report templates are looked up: ``data_cards/`` of the checkout, then packaged."""
-    root = Path(tracepipe.__file__).resolve().parents[1] / "data_cards"
-    packaged = Path(tracepipe.__file__).resolve().parent / "templates" / "data_cards"
-    return [d for d in (root, packaged) if d.is_dir()]
+def templates_dir() -> Traversable:
+    """The card / report templates: ``data_cards/`` inside the installed package (package data)."""
+    return importlib.resources.files("tracepipe") / TEMPLATES_DIR
 
 
 @functools.lru_cache(maxsize=4)
 def jinja_env(autoescape: bool = False) -> Any:
     """The card / report templates' environment (one per process; compiled templates are kept in
     jinja's bytecode cache, so a process does not recompile them)."""
-    dirs = templates_dirs()
-    if not dirs:
+    if not templates_dir().is_dir():
         raise FileNotFoundError(
-            "no data_cards/ templates found next to the tracepipe package "
-            f"({Path(tracepipe.__file__).resolve().parents[1] / 'data_cards'})"
+            f"the tracepipe package has no {TEMPLATES_DIR}/ templates ({templates_dir()}): "
+            "it was installed without its package data; reinstall it"
         )
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in dirs]),
+        loader=jinja2.PackageLoader("tracepipe", TEMPLATES_DIR),
         autoescape=autoescape,
         keep_trailing_newline=True,
         trim_blocks=True,

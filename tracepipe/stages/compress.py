@@ -50,10 +50,10 @@ rewriter's tokenizer, else an estimate (words and punctuation; ``token_unit`` in
 keep the shortest (``length_column``, default ``completion_tokens``; else the trace's length)
 and drop the other correct ones (``compress: longer than the shortest correct sample``);
 incorrect samples pass through untouched (``skipped:<verdict>``) for preference pairs. This
-needs the whole group, so with this method ``compress`` is a *set* stage (the registry's
-``compress`` class builds the set-stage implementation from :mod:`._compress_shortest`); the
-columns are the same as above where they apply, plus ``compress_group_tokens`` (mean length of
-the problem's correct samples, the "before").
+needs the whole group, so with this method ``compress`` is a *set* stage: a variant registered
+under the same name for these params (:mod:`tracepipe.stages.compress_shortest`), which
+``get_stage("compress")(params, ctx)`` builds. The columns are the same as above where they
+apply, plus ``compress_group_tokens`` (mean length of the problem's correct samples, the "before").
 
 ``summarize()`` puts mean tokens before / after, the acceptance rate, the rejection reasons and
 the same per band into the run stats (``extra``), which the dataset card shows.
@@ -78,7 +78,8 @@ from pydantic import Field, field_validator, model_validator
 
 from tracepipe.engines.base import GenerationRequest, SamplingParams
 from tracepipe.pipeline.keys import IN_KEY_COL, fingerprint, seed_for
-from tracepipe.stages import register
+from tracepipe.stages import HasVariants, register
+from tracepipe.stages._compress_stats import compression_stats
 from tracepipe.stages._reverify import EngineReverifierLifecycle, Item, is_code
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 from tracepipe.verifiers.format import FormatConfig, check_format
@@ -212,24 +213,15 @@ def has_answer(response: str | None, domain: str | None, tests: Any) -> bool:
 
 
 @register("compress")
-class Compress(EngineReverifierLifecycle, RowStage):
-    """Difficulty-aware rewriting of traces (re-verified), or the shortest correct sample."""
+class Compress(EngineReverifierLifecycle, RowStage, metaclass=HasVariants):
+    """Difficulty-aware rewriting of traces (re-verified). ``method: shortest-correct`` builds the
+    registered variant :class:`~tracepipe.stages.compress_shortest.ShortestCorrect` instead."""
 
     version: ClassVar[str] = "1"
     Params = CompressParams
     reads: ClassVar[tuple[str, ...]] = ("problem", "reasoning", "response", "domain", "answer", "tests", "verdict", "difficulty")
     adds: ClassVar[tuple[str, ...]] = tuple(c for c in OUT_SCHEMA if c != IN_KEY_COL)
     params: CompressParams
-
-    def __new__(cls, params: CompressParams | None = None, ctx: Any = None) -> Any:
-        # `method: shortest-correct` decides over each problem's samples: a set stage
-        if cls is Compress and params is not None and getattr(params, "method", None) == "shortest-correct":
-            from tracepipe.stages._compress_shortest import ShortestCorrect
-
-            inst = ShortestCorrect.__new__(ShortestCorrect)
-            inst.__init__(params, ctx)  # type: ignore[misc]
-            return inst
-        return super().__new__(cls)
 
     def __init__(self, params: CompressParams, ctx: Any = None) -> None:
         super().__init__(params, ctx)
@@ -421,8 +413,6 @@ class Compress(EngineReverifierLifecycle, RowStage):
             rec["compress_status"] = "rejected:verify-error"
 
     def summarize(self, out: pl.LazyFrame) -> dict[str, Any]:
-        from tracepipe.stages._compress_shortest import compression_stats
-
         stats = compression_stats(out, "reasoning_tokens")
         if stats:
             stats["method"] = "rewrite"

@@ -2,20 +2,25 @@
 
 Same prompts (GSM8K train problems with the stage's default math template, rendered with the
 tiny model's chat template), same sampling parameters and per-request seeds, same model loaded
-once (the stage's ``vllm`` engine shares the ``LLM`` the raw side uses), and fixed output lengths
-(``ignore_eos`` + ``max_tokens``) so both sides decode exactly the same number of tokens.
+once (the stage's ``vllm`` engine shares the ``LLM`` the raw side uses).
 
-- raw: one ``llm.generate(prompts, [SamplingParams...])`` call, timed alone;
-- tracepipe: ``Runner(recipe).run()`` on a fresh workdir, timed end to end (source load, row
-  keys, batching, engine calls, reasoning split, Parquet commits, joins), plus the stage's own
-  compute seconds.
+Output lengths (``--lengths``):
+- ``eos`` (default): the tiny model's own end-of-sequence decides, so completions run from a few
+  tokens to ``max_tokens`` (a spread like real traces; a batch-synchronous stage drains at the
+  end of every batch while its last sequences finish);
+- ``fixed``: ``ignore_eos`` + ``max_tokens``, every completion the same length (hides drains).
 
-Repeated ``--repeats`` times alternately; the best wall of each side is reported (other load on
-the machine only ever slows a run down). ``identical_completions`` counts the stage's rows equal
-to the raw completions (seeded sampling; vLLM does not promise batch-invariant numerics, and the
-stage sends ``batch_size`` requests per call where the raw side sends all at once). Prints JSON.
+Sides, repeated ``--repeats`` times alternately (best wall of each reported):
+- ``raw_vllm``: one ``llm.generate(all prompts)`` call: vLLM's continuous batching over all;
+- ``raw_vllm_batched``: ``llm.generate`` per ``--batch-size`` prompts, one call after another:
+  what a batch-synchronous stage does (reference for the drain it pays);
+- ``tracepipe_generate``: ``Runner(recipe).run()`` on a fresh workdir, end to end.
 
-    python benchmarks/generate.py [--prompts 512] [--max-tokens 64] [--repeats 2]
+Occupancy = mean sequences running per decode step (vLLM's scheduler, counted after every step)
+over ``max_num_seqs``: the share of the engine's batch slots that did work. On a GPU, decode is
+memory-bound (a step costs about the same for 5 or 256 sequences), so throughput scales with it.
+
+    python benchmarks/generate.py [--prompts 1024] [--max-tokens 256] [--lengths eos] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ GSM8K = ROOT / "tracepipe" / "data" / "sources" / "gsm8k_train.jsonl"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256, help="generate stage batch_size (its default)")
+    ap.add_argument("--lengths", choices=["eos", "fixed"], default="eos")
+    ap.add_argument("--batch-size", type=int, default=256, help="prompts per call of the batched raw side")
     args = ap.parse_args()
 
     import yaml
@@ -59,12 +65,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="tp-bench-gen-"))
     model_dir = build_tiny_model(tmp / "model")
+    fixed = args.lengths == "fixed"
     engine_cfg = {
-        "kind": "vllm", "model": str(model_dir), "dtype": "float32", "max_model_len": 512,
-        "enforce_eager": True, "sampling_args": {"ignore_eos": True},
+        "kind": "vllm", "model": str(model_dir), "dtype": "float32", "max_model_len": 1024,
+        "enforce_eager": True, "sampling_args": {"ignore_eos": True} if fixed else {},
     }
-    gen = {"engine": "teacher", "n": 1, "temperature": 0.8, "top_p": 0.95, "max_tokens": args.max_tokens,
-           "seed": 11, "batch_size": args.batch_size}
+    gen = {"engine": "teacher", "n": 1, "temperature": 0.8, "top_p": 0.95, "max_tokens": args.max_tokens, "seed": 11}
     source = {"path": str(GSM8K), "preset": "gsm8k", "limit": args.prompts}
 
     # the exact requests the stage will make: one per distinct (problem, domain) key
@@ -90,40 +96,71 @@ def main() -> None:
         _, ids = engine.render(stage.messages(r["problem"], r["domain"]))
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         params.append(SamplingParams(n=1, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens,
-                                     seed=seed_for(r["_in_key"], 0, 11), ignore_eos=True))
+                                     seed=seed_for(r["_in_key"], 0, 11), ignore_eos=fixed))
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
 
-    def raw() -> tuple[float, int, list[str]]:
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - t
-        return wall, sum(len(o.outputs[0].token_ids) for o in outs), [o.outputs[0].text for o in outs]
+    # count running sequences after every step of the raw calls (the driver counts the stage's)
+    core = llm.llm_engine.engine_core.engine_core
+    counts = {"steps": 0, "running": 0}
+    step = llm.llm_engine.step
 
-    def staged(i: int) -> tuple[float, float, int, dict[str, str]]:
+    def counted_step() -> list:
+        out = step()
+        n = len(core.scheduler.running)
+        if n:
+            counts["steps"] += 1
+            counts["running"] += n
+        return out
+
+    llm.llm_engine.step = counted_step
+    max_seqs = engine.capacity()
+
+    def occupancy() -> float:
+        occ = counts["running"] / counts["steps"] / max_seqs if counts["steps"] else 0.0
+        counts["steps"] = counts["running"] = 0
+        return occ
+
+    def raw(batch: int) -> tuple[float, int, list[str], float, list[int]]:
+        counts["steps"] = counts["running"] = 0
+        t = time.perf_counter()
+        outs = []
+        for k in range(0, len(prompts), batch):
+            outs += llm.generate(prompts[k:k + batch], params[k:k + batch], use_tqdm=False)
+        wall = time.perf_counter() - t
+        lens = [len(o.outputs[0].token_ids) for o in outs]
+        return wall, sum(lens), [o.outputs[0].text for o in outs], occupancy(), lens
+
+    def staged(i: int) -> tuple[float, float, int, dict[str, str], float]:
         recipe = {"name": f"bench-gen-{i}", "workdir": str(tmp / f"work-{i}"), "source": [source],
                   "engines": {"teacher": engine_cfg}, "stages": [{"generate": gen}], "outputs": []}
         path = tmp / f"recipe-{i}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         rec = load_recipe(path)
+        drv = engine._driver
+        before = (drv.steps, drv.running_sum)
         t = time.perf_counter()
         stats = Runner(rec).run().stats.to_dict()
         wall = time.perf_counter() - t
+        steps, running = drv.steps - before[0], drv.running_sum - before[1]
         st = stats["stages"][0]
         rows = StageStore(rec.workdir_path(), "generate", st["fingerprint"]).scan().collect()  # type: ignore[union-attr]
         texts = dict(zip(rows["_in_key"].to_list(), rows["reasoning"].fill_null("").to_list()))
-        return wall, float(st["compute_seconds"]), int(rows["completion_tokens"].sum()), texts
+        occ = running / steps / max_seqs if steps else 0.0
+        return wall, float(st["compute_seconds"]), int(rows["completion_tokens"].sum()), texts, occ
 
-    raw_runs, stage_runs = [], []
+    raw_runs, batched_runs, stage_runs = [], [], []
     for i in range(args.repeats):
-        raw_runs.append(raw())
+        raw_runs.append(raw(len(prompts)))
+        batched_runs.append(raw(args.batch_size))
         stage_runs.append(staged(i))
-    r_wall, r_tokens, r_texts = min(raw_runs, key=lambda x: x[0])
-    s_wall, s_compute, s_tokens, s_texts = min(stage_runs, key=lambda x: x[0])
+    r_wall, r_tokens, r_texts, r_occ, r_lens = min(raw_runs, key=lambda x: x[0])
+    b_wall, b_tokens, _, b_occ, _ = min(batched_runs, key=lambda x: x[0])
+    s_wall, s_compute, s_tokens, s_texts, s_occ = min(stage_runs, key=lambda x: x[0])
     # the stage's row for a raw completion: split at think tags, cut text kept as `reasoning`
     expect = {k: split_completion(t, None, "length", ("<think>", "</think>"))[0] or ""
-              for k, t in zip(src["_in_key"].to_list(), r_texts)}
+              for k, t in zip(src["_in_key"].to_list(), r_texts)} if fixed else {}
     same = sum(s_texts.get(k) == v for k, v in expect.items())
-
+    import numpy as np
     import torch
     import vllm
 
@@ -133,16 +170,23 @@ def main() -> None:
         "model": "tiny Qwen2 (tests/fixtures/tiny_model.py), float32",
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
-        "fixed_output_length": True,
+        "lengths": args.lengths,
+        "completion_tokens_percentiles": dict(zip(["p0", "p10", "p50", "p90", "p100"],
+                                                  np.percentile(r_lens, [0, 10, 50, 90, 100]).round().astype(int).tolist())),
+        "max_num_seqs": max_seqs,
         "repeats": args.repeats,
         "engine_load_s": round(load_s, 2),
         "raw_vllm": {"wall_s": round(r_wall, 3), "completion_tokens": r_tokens, "tokens_per_s": round(r_tokens / r_wall, 1),
-                     "walls_s": [round(x[0], 3) for x in raw_runs]},
+                     "occupancy": round(r_occ, 4), "walls_s": [round(x[0], 3) for x in raw_runs]},
+        "raw_vllm_batched": {"batch_size": args.batch_size, "wall_s": round(b_wall, 3), "completion_tokens": b_tokens,
+                             "occupancy": round(b_occ, 4), "walls_s": [round(x[0], 3) for x in batched_runs]},
         "tracepipe_generate": {"wall_s": round(s_wall, 3), "stage_compute_s": round(s_compute, 3), "completion_tokens": s_tokens,
-                               "tokens_per_s": round(s_tokens / s_wall, 1), "batch_size": args.batch_size,
+                               "tokens_per_s": round(s_tokens / s_wall, 1), "occupancy": round(s_occ, 4),
                                "walls_s": [round(x[0], 3) for x in stage_runs]},
         "wall_ratio_tracepipe_over_raw": round(s_wall / r_wall, 3),
-        "identical_completions": f"{same}/{len(expect)}",
+        "stage_compute_ratio_over_raw": round(s_compute / r_wall, 3),
+        "occupancy_ratio_tracepipe_over_raw": round(s_occ / r_occ, 4) if r_occ else None,
+        "identical_completions": f"{same}/{len(expect)}" if fixed else "n/a (lengths: eos)",
     }, indent=2))
     engine.close()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,29 @@ def _load(path: Path) -> Recipe:
     except RecipeError as e:
         console.print(e.render(), style="red", highlight=False, markup=False)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+@contextmanager
+def _input_errors(verb: str, os_exit: int = EXIT_FAILED) -> Iterator[None]:
+    """Bad input ends the command with a short message, no traceback: a bad source line under
+    ``on_bad_line: error`` (``file:LINE: reason``) exits 1; a source that cannot be read as the
+    recipe says (no file matches, a column that is not there, ...) exits 2; a file or folder
+    that cannot be written or read (a workdir under a missing or read-only folder) exits
+    ``os_exit``."""
+    from tracepipe.sources import BadSourceLine, SourceError
+
+    try:
+        yield
+    except BadSourceLine as e:
+        console.print(f"{verb} failed: bad source line (on_bad_line: error):\n{e}", style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    except SourceError as e:
+        console.print(f"{verb} failed: {e}", style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as e:
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        console.print(f"{verb} failed: {what}", style="red", markup=False, highlight=False)
+        raise typer.Exit(os_exit) from None
 
 
 def _apply_executor(recipe: Recipe, executor: str | None, workers: int | None) -> None:
@@ -77,7 +102,8 @@ def run(
     r = _load(recipe)
     _apply_executor(r, executor, workers)
     try:
-        result = Runner(r, progress=progress and sys.stderr.isatty(), console=console).run()
+        with _input_errors("run"):
+            result = Runner(r, progress=progress and sys.stderr.isatty(), console=console).run()
     except RunFailed as e:
         console.print(f"run failed: {e}", style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
@@ -103,7 +129,8 @@ def plan(
 
     r = _load(recipe)
     try:
-        stats = Runner(r).plan().to_dict()
+        with _input_errors("plan"):
+            stats = Runner(r).plan().to_dict()
     except RunFailed as e:
         console.print(f"plan failed: {e}", style="red", markup=False)
         raise typer.Exit(EXIT_FAILED) from None
@@ -126,7 +153,10 @@ def status(
     stats_file = wd / "stats.json"
     info: dict[str, Any] = {"workdir": str(wd), "last_run": None, "rejects": {}, "quarantine": {}}
     if stats_file.exists():
-        info["last_run"] = json.loads(stats_file.read_text())
+        try:
+            info["last_run"] = json.loads(stats_file.read_text())
+        except (OSError, ValueError) as e:  # damaged by hand or a full disk: say so, show the rest
+            console.print(f"cannot read {stats_file}: {e}", style="yellow", markup=False, highlight=False)
     for kind in ("rejects", "quarantine"):
         d = wd / kind
         col = "_reason" if kind == "rejects" else "_error"
@@ -166,7 +196,8 @@ def schema(output: Path | None = typer.Option(None, "--output", "-o", help="writ
 
     text = json.dumps(recipe_json_schema(), indent=2)
     if output:
-        output.write_text(text)
+        with _input_errors("schema", os_exit=EXIT_USAGE):
+            output.write_text(text)
         console.print(f"wrote {output}")
     else:
         print(text)
@@ -208,7 +239,8 @@ def init(
     if path.exists() and not force:
         console.print(f"{path} exists; use --force to overwrite", style="red")
         raise typer.Exit(EXIT_USAGE)
-    path.write_text(STARTER.format(path=path, name=name))
+    with _input_errors("init", os_exit=EXIT_USAGE):
+        path.write_text(STARTER.format(path=path, name=name))
     out.print(f"wrote {path}")
 
 
@@ -221,7 +253,8 @@ def report(
     from tracepipe.report import build_report
 
     r = _load(recipe)
-    path = build_report(r, output)
+    with _input_errors("report"):
+        path = build_report(r, output)
     out.print(f"wrote {path}")
 
 

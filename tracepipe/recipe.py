@@ -7,6 +7,8 @@ all errors, each as ``recipe.yaml:LINE: stages[2].dedup.method: what was expecte
 
 from __future__ import annotations
 
+import difflib
+import glob as globlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from tracepipe.engines.base import EngineConfig
 from tracepipe.stages.base import StageParams
+
+
+def did_you_mean(word: object, known: list[str]) -> str:
+    """``; did you mean 'dedup'?`` (closing an error message) for the known name closest to a
+    misspelt one, else ``""``."""
+    close = difflib.get_close_matches(str(word), known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class _Model(BaseModel):
@@ -38,6 +47,12 @@ class SourceSpec(_Model):
     answer_format: Literal["gsm8k", "boxed", "raw"] | None = Field(None, description="how to read the gold answer")
     domain: str | None = Field(None, description="math | code | any label")
     limit: int | None = Field(None, ge=0, description="read at most this many rows")
+    max_row_bytes: int = Field(8 << 20, gt=0, description="a JSONL line longer than this (bytes) is a bad line (default 8 MiB)")
+    on_bad_line: Literal["quarantine", "error"] = Field(
+        "quarantine",
+        description="a bad line (malformed JSON, not UTF-8, problem null or not text, over max_row_bytes): "
+        "`quarantine` keeps it aside with its file, line and reason; `error` stops at the first one",
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSpec:
@@ -75,7 +90,7 @@ class OutputSpec(_Model):
         from tracepipe.outputs import known_formats
 
         if v not in known_formats():
-            raise ValueError(f"unknown output format {v!r}; known formats: {', '.join(known_formats())}")
+            raise ValueError(f"unknown output format {v!r}; known formats: {', '.join(known_formats())}{did_you_mean(v, known_formats())}")
         return v
 
 
@@ -217,6 +232,8 @@ def _plain(node: Any) -> Any:
 
 
 def parse_yaml(text: str, file: str) -> Any:
+    """The round-trip tree of ``text`` (its nodes know their lines); bad YAML is a
+    :class:`RecipeError` naming the line."""
     yaml = YAML(typ="rt")
     try:
         return yaml.load(io.StringIO(text))
@@ -224,6 +241,10 @@ def parse_yaml(text: str, file: str) -> Any:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise RecipeError(file, [Problem("", line, f"bad YAML: {e.problem or e}")]) from None
+    except YAMLError as e:  # e.g. a control character (ReaderError): it knows the offset only
+        pos = getattr(e, "position", None)
+        line = text.count("\n", 0, pos) + 1 if isinstance(pos, int) else None
+        raise RecipeError(file, [Problem("", line, f"bad YAML: {' '.join(str(e).split())}")]) from None
 
 
 def _quick_load(text: str) -> Any:
@@ -242,9 +263,7 @@ def load_recipe(path: str | Path) -> Recipe:
     round-trip loader, whose nodes know their lines, so every problem names its line."""
     p = Path(path)
     file = str(path)
-    if not p.exists():
-        raise RecipeError(file, [Problem("", None, "recipe file not found")])
-    text = p.read_text()
+    text = _read_text(p, file)
     quick = _quick_load(text)
     if isinstance(quick, dict):
         try:
@@ -254,10 +273,27 @@ def load_recipe(path: str | Path) -> Recipe:
     return validate_tree(parse_yaml(text, file), file, p.resolve())
 
 
-def validate_tree(tree: Any, file: str, path: Path | None = None) -> Recipe:
-    from tracepipe.engines import engine_config_model, known_engine_kinds
-    from tracepipe.stages import get_stage, known_stages
+def _read_text(p: Path, file: str) -> str:
+    """The recipe's text; a file that is missing, a directory, unreadable or not UTF-8 is a
+    :class:`RecipeError` (one line, no traceback)."""
+    if not p.exists():
+        raise RecipeError(file, [Problem("", None, "recipe file not found")])
+    if p.is_dir():
+        raise RecipeError(file, [Problem("", None, "is a directory, not a recipe file")])
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise RecipeError(file, [Problem("", None, f"cannot read the recipe: {e.strerror or e}")]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecipeError(file, [Problem("", line, f"not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})")]) from None
 
+
+def validate_tree(tree: Any, file: str, path: Path | None = None) -> Recipe:
+    """The recipe of a parsed YAML ``tree``; raises :class:`RecipeError` listing every problem
+    (top-level keys, each stage's and engine's parameters, cross references, sources)."""
     problems: list[Problem] = []
     if not isinstance(tree, dict):
         raise RecipeError(file, [Problem("", 1, "a recipe is a YAML mapping with `name`, `source`, `stages`, `outputs`")])
@@ -268,9 +304,37 @@ def validate_tree(tree: Any, file: str, path: Path | None = None) -> Recipe:
         for err in e.errors():
             problems.append(Problem(_fmt_loc(err["loc"]), _line_of(tree, err["loc"]), _describe(err)))
         recipe = None
+    stage_specs = _check_stages(data.get("stages"), tree, problems)
+    engines = data.get("engines")
+    engine_configs = _check_engines(engines, tree, problems)
 
-    stage_specs: list[StageSpec] = []
-    for i, entry in enumerate(data.get("stages") or []):
+    # cross references: engines named by stages exist
+    have = sorted(engines) if isinstance(engines, dict) else []
+    for spec in stage_specs:
+        for attr in ("engine", "student_engine", "rewriter", "judge_engine"):
+            eng = getattr(spec.params, attr, None)
+            if isinstance(eng, str) and eng not in have:
+                full = ("stages", spec.index, spec.name, attr)
+                problems.append(Problem(_fmt_loc(full), _line_of(tree, full), f"engine {eng!r} is not defined under `engines` (have: {have}){did_you_mean(eng, have)}"))
+
+    problems += _source_problems(data.get("source"), tree, path)
+    if problems:
+        raise RecipeError(file, problems)
+    assert recipe is not None
+    recipe._path = path
+    recipe._stage_specs = stage_specs
+    recipe._engine_configs = engine_configs
+    return recipe
+
+
+def _check_stages(stages: Any, tree: Any, problems: list[Problem]) -> list[StageSpec]:
+    """Each ``stages`` entry validated by its stage's ``Params``; a misspelt stage name gets the
+    closest known one. Problems are appended to ``problems`` (a ``stages`` that is not a list is
+    the top-level check's to report)."""
+    from tracepipe.stages import get_stage, known_stages
+
+    specs: list[StageSpec] = []
+    for i, entry in enumerate(stages if isinstance(stages, list) else []):
         loc: tuple[Any, ...] = ("stages", i)
         if not isinstance(entry, dict) or len(entry) != 1:
             problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), "each stage is a mapping with one key: `- stage-name: {params}`"))
@@ -279,56 +343,73 @@ def validate_tree(tree: Any, file: str, path: Path | None = None) -> Recipe:
         try:
             cls = get_stage(name)
         except KeyError:
-            problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"unknown stage {name!r}; known stages: {', '.join(known_stages())}"))
+            hint = did_you_mean(name, known_stages())
+            problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"unknown stage {name!r}; known stages: {', '.join(known_stages())}{hint}"))
             continue
         try:
-            stage_specs.append(StageSpec(name=name, params=cls.Params.model_validate(params or {}), index=i))
+            specs.append(StageSpec(name=name, params=cls.Params.model_validate(params or {}), index=i))
         except ValidationError as e:
             for err in e.errors():
                 full = (*loc, name, *err["loc"])
                 problems.append(Problem(_fmt_loc(full), _line_of(tree, full), _describe(err)))
+    return specs
 
-    engine_configs: dict[str, EngineConfig] = {}
-    for ename, cfg in (data.get("engines") or {}).items():
-        loc = ("engines", ename)
+
+def _check_engines(engines: Any, tree: Any, problems: list[Problem]) -> dict[str, EngineConfig]:
+    """Each ``engines`` entry validated by its kind's config model; a misspelt kind gets the
+    closest known one. Problems are appended to ``problems``."""
+    from tracepipe.engines import engine_config_model, known_engine_kinds
+
+    configs: dict[str, EngineConfig] = {}
+    for ename, cfg in (engines if isinstance(engines, dict) else {}).items():
+        loc: tuple[Any, ...] = ("engines", ename)
         if not isinstance(cfg, dict) or "kind" not in cfg:
             problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"an engine needs `kind:` ({' | '.join(known_engine_kinds())})"))
             continue
         try:
             model = engine_config_model(str(cfg["kind"]))
-        except KeyError as e:
-            problems.append(Problem(_fmt_loc((*loc, "kind")), _line_of(tree, (*loc, "kind")), str(e.args[0])))
+        except KeyError:
+            kinds = known_engine_kinds()
+            msg = f"unknown engine kind {cfg['kind']!r}; known kinds: {', '.join(kinds)}{did_you_mean(cfg['kind'], kinds)}"
+            problems.append(Problem(_fmt_loc((*loc, "kind")), _line_of(tree, (*loc, "kind")), msg))
             continue
         try:
-            engine_configs[ename] = model.model_validate(cfg)
+            configs[ename] = model.model_validate(cfg)
         except ValidationError as e:
             for err in e.errors():
                 full = (*loc, *err["loc"])
                 problems.append(Problem(_fmt_loc(full), _line_of(tree, full), _describe(err)))
+    return configs
 
-    # cross references: engines named by stages exist
-    for spec in stage_specs:
-        eng = getattr(spec.params, "engine", None)
-        for attr in ("engine", "student_engine", "rewriter", "judge_engine"):
-            eng = getattr(spec.params, attr, None)
-            if isinstance(eng, str) and eng not in (data.get("engines") or {}):
-                full = ("stages", spec.index, spec.name, attr)
-                problems.append(Problem(_fmt_loc(full), _line_of(tree, full), f"engine {eng!r} is not defined under `engines` (have: {sorted(data.get('engines') or {})})"))
 
-    if recipe is not None and path is not None:
-        recipe._path = path
-        for i, s in enumerate(recipe.source):
-            if s.path and not any(c in s.path for c in "*?[") and "://" not in s.path:
-                sp = Path(s.path) if Path(s.path).is_absolute() else path.parent / s.path
-                if not sp.exists():
-                    loc = ("source", i, "path")
-                    problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"no such file: {sp}"))
-    if problems:
-        raise RecipeError(file, problems)
-    assert recipe is not None
-    recipe._stage_specs = stage_specs
-    recipe._engine_configs = engine_configs
-    return recipe
+def _source_problems(entries: Any, tree: Any, path: Path | None) -> list[Problem]:
+    """Unknown presets (with the closest known one) and, for a recipe read from a file, source
+    files that do not exist, in every ``source`` entry that is valid by itself (the others'
+    problems are the top-level check's), so they are reported beside any other problem."""
+    from tracepipe.sources import PRESETS
+
+    problems = []
+    for i, entry in enumerate([entries] if isinstance(entries, dict) else entries if isinstance(entries, list) else []):
+        try:
+            s = SourceSpec.model_validate(entry)
+        except ValidationError:
+            continue
+        if s.preset and s.preset not in PRESETS:
+            loc: tuple[Any, ...] = ("source", i, "preset")
+            msg = f"unknown preset {s.preset!r}; known presets: {', '.join(sorted(PRESETS))}{did_you_mean(s.preset, sorted(PRESETS))}"
+            problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), msg))
+        if path is None or not s.path or "://" in s.path:
+            continue
+        sp = Path(s.path) if Path(s.path).is_absolute() else path.parent / s.path
+        loc = ("source", i, "path")
+        if any(c in s.path for c in "*?["):
+            if not globlib.glob(str(sp)):
+                problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"no file matches {sp}"))
+        elif not sp.exists():
+            problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"no such file: {sp}"))
+        elif sp.is_dir():
+            problems.append(Problem(_fmt_loc(loc), _line_of(tree, loc), f"{sp} is a directory (give a file or a glob such as {s.path.rstrip('/')}/*.jsonl)"))
+    return problems
 
 
 def recipe_json_schema() -> dict[str, Any]:

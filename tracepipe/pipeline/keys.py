@@ -7,7 +7,7 @@ Python's ``hash`` or polars' ``hash`` (whose values may change between releases)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
@@ -71,11 +71,6 @@ def row_keys(df: pl.DataFrame, columns: Sequence[str], salt: str = "") -> pl.Ser
         for vals in zip(*lists)
     ]
     return pl.Series(IN_KEY_COL, out, dtype=pl.String)
-
-
-def child_keys(parents: Iterable[str], idx: Iterable[int], stage: str) -> list[str]:
-    """Identity key of the ``idx``-th output row a stage made from the row keyed ``parent``."""
-    return [xxhash.xxh3_128_hexdigest(f"{p}\x1f{stage}\x1f{i}".encode()) for p, i in zip(parents, idx)]
 
 
 def seed_for(key: str, sample: int = 0, base: int = 0) -> int:

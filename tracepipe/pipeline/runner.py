@@ -42,7 +42,9 @@ import pyarrow.parquet as pq
 from tracepipe.engines.base import EngineFatalError
 from tracepipe.outputs._writer import write_output
 from tracepipe.pipeline.executors import Executor, get_executor
-from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource
+from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, stream_plan
+from tracepipe.pipeline.executors.local import default_workers
+from tracepipe.pipeline.follow import Follower, follower_chain
 from tracepipe.pipeline.frames import (
     FrameCache,
     Part,
@@ -65,7 +67,7 @@ from tracepipe.pipeline.keys import (
 from tracepipe.pipeline.stats import RunStats, StageStats
 from tracepipe.pipeline.store import IDX_COL, StageStore, is_local, local_path
 from tracepipe.recipe import Recipe
-from tracepipe.sources import source_parts
+from tracepipe.sources import load_sources
 from tracepipe.stages import get_stage
 from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage, SetStage, Stage, StageContext
 
@@ -186,6 +188,8 @@ class Runner:
         )
         self.progress = progress
         self.console = console
+        self._chain: list[tuple[RowStage, StageStore]] = []  # CPU row stages after the current one
+        self._side: pl.DataFrame | None = None  # their upstream columns of its rows to compute
         self.ctx = StageContext(
             recipe_name=recipe.name,
             recipe_dir=recipe.base_dir,
@@ -230,11 +234,14 @@ class Runner:
             try:
                 stages = self.build_stages()  # fingerprints (and guards) before any data is read
                 t0 = time.perf_counter()
-                parts = source_parts(self.recipe.source, self.recipe.base_dir, self.cache)
+                src = load_sources(self.recipe.source, self.recipe.base_dir, self.cache)
+                parts = src.parts
                 stats.source_rows = sum(p.rows for p in parts)
                 stats.source_seconds = time.perf_counter() - t0
                 rejects: list[tuple[str, list[Part]]] = []
                 quarantine: list[tuple[str, Path]] = []
+                if src.bad.height:
+                    quarantine.append(("000-source", self._bad_lines(src.bad, src.rows_read, run_dir, stats, plan)))
                 pending = False
                 last_use = {name: i for i, (stage, _, _) in enumerate(stages) for name in stage.engine_names()}
                 with Progress(self.progress and not plan, self.console) as prog:
@@ -245,6 +252,9 @@ class Runner:
                         tag = f"{i + 1:03d}-{stage.name}"
                         quar: Path | None = None
                         if isinstance(stage, RowStage):
+                            rest = [(s2, store2) for s2, store2, _ in stages[i + 1:]]
+                            follow = not plan and self.ctx.options.get("follow", True)
+                            self._chain = follower_chain(rest) if follow else []  # type: ignore[arg-type]
                             try:
                                 parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
                             except EngineFatalError as e:
@@ -292,6 +302,23 @@ class Runner:
                 self.executor.close()
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
+
+    def _bad_lines(self, bad: pl.DataFrame, rows_read: int, run_dir: Path, stats: RunStats, plan: bool) -> Path:
+        """Quarantine the source lines that could not be read (file, line, reason); stop the run
+        if they are more than ``max_error_rate`` of the lines read."""
+        stats.source_bad_lines = bad.height
+        path = run_dir / "000-source.quarantine.parquet"
+        bad.with_columns(pl.lit("source").alias("_stage")).write_parquet(path)
+        share = bad.height / max(1, rows_read)
+        if not plan and share > self.recipe.max_error_rate:
+            first = bad.row(0, named=True)
+            self._publish_files([("000-source", path)], "quarantine")
+            raise RunFailed(
+                f"{bad.height} of {rows_read} source lines could not be read ({share:.1%} > max_error_rate "
+                f"{self.recipe.max_error_rate:.1%}); first: {first['file']}:{first['line']}: {first['_error']}. "
+                f"See {self.workdir}/quarantine/000-source.parquet."
+            )
+        return path
 
     def _release_engines(self, stage: Stage, i: int, last_use: dict[str, int], st: StageStats) -> None:
         """Record the stage's engine counters; close the engines no later stage names, so the
@@ -440,16 +467,23 @@ class Runner:
         held: list[pa.Table] = []
         held_bytes = 0
         schema: pa.Schema | None = None
-        want = set(missing[IN_KEY_COL].to_list())
-        for p, k in zip(parts, keys.values()):
-            df = self.cache.read(p, stage.input_columns())
-            cols = df.columns
-            df = df.with_columns(k[IN_KEY_COL]) if cols else k.select(IN_KEY_COL)
-            df = df.filter(pl.col(IN_KEY_COL).is_in(pl.Series(list(want), dtype=pl.String).implode()))
-            df = df.unique(IN_KEY_COL, keep="first", maintain_order=True)
-            if not df.height:
+        # each missing key's first row, found in one pass over all the parts' keys
+        where = pl.concat([k.select(IN_KEY_COL, pl.lit(n).alias("_p"), pl.int_range(pl.len()).alias("_r"))
+                           for n, k in enumerate(keys.values())])
+        first = where.join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").unique(IN_KEY_COL, keep="first")
+        rows_of = first.partition_by("_p", as_dict=True, include_key=False)
+        side_cols = self._side_columns(stage, parts)
+        sides: list[pl.DataFrame] = []
+        for n, p in enumerate(parts):
+            sel = rows_of.get((n,))
+            if sel is None:
                 continue
-            want.difference_update(df[IN_KEY_COL].to_list())
+            idx = sel["_r"].sort()
+            df = self.cache.read(p, list(dict.fromkeys([*stage.input_columns(), *side_cols])))[idx]
+            df = df.with_columns(list(keys.values())[n][IN_KEY_COL][idx])
+            if side_cols:
+                sides.append(df.select(IN_KEY_COL, *[c for c in side_cols if c in df.columns]))
+            cols = [c for c in stage.input_columns() if c in df.columns]
             table = df.select(IN_KEY_COL, *cols).to_arrow()
             if schema is None:
                 schema = table.schema
@@ -465,12 +499,31 @@ class Runner:
                 held = []
         if schema is None:
             return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
+        self._side = pl.concat(sides, how="diagonal_relaxed") if sides else None
         if writer is None:
             return self._process(stage, store, index, pa.concat_tables(held), st, prog)
         writer.close()
         errors = self._process(stage, store, index, todo_path, st, prog)
         todo_path.unlink()
         return errors
+
+    def _side_columns(self, stage: RowStage, parts: list[Part]) -> list[str]:
+        """Columns the follower chain reads from the rows a streamed model stage gets (none when
+        nothing follows it, or it does not stream)."""
+        if not self._chain or not parts or not stage.engine_names() or stream_plan(stage).calls_in_flight <= 1:
+            return []
+        have = frame_schema(parts)
+        adds = set(stage.output_columns())
+        want = {c for s, _ in self._chain for c in s.input_columns()}
+        return [c for c in have if c in want and c not in adds]
+
+    def _follower(self, stage: RowStage) -> Follower | None:
+        """A :class:`Follower` for the stage's missing rows, when it streams and CPU stages follow."""
+        side, self._side = self._side, None
+        if side is None or not self._chain:
+            return None
+        workers = getattr(self.executor, "workers", None) or default_workers()
+        return Follower(self._chain, side.unique(IN_KEY_COL, keep="first"), stage.fanout, workers)
 
     def _process(
         self, stage: RowStage, store: StageStore, index: KeyIndex, todo: Path | pa.Table, st: StageStats, prog: Progress,
@@ -505,8 +558,12 @@ class Runner:
             rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
             prog.advance(task, res.n_in, rate)
 
+        follower = self._follower(stage)
+
         def commit(df: pl.DataFrame) -> None:  # on the driver, in completion order
             index.add(store.commit(df), df[IN_KEY_COL].unique())
+            if follower is not None:
+                follower.feed(df)
 
         committer = Committer(commit, stage.rows_per_batch(), float(self.ctx.options.get("commit_seconds", COMMIT_SECONDS)))
         try:
@@ -515,6 +572,11 @@ class Runner:
             committer.flush()  # what finished is kept, even when the stage stops on an error
             st.compute_seconds = time.perf_counter() - t0
             st.extra["parts_committed"] = committer.parts
+            if follower is not None:
+                t1 = time.perf_counter()
+                follower.close()
+                st.extra["followed"] = {"stages": [s.name for s, _ in follower.chain], "rows": follower.rows,
+                                        "tail_seconds": round(time.perf_counter() - t1, 3)}
 
     @staticmethod
     def _by_length(stage: RowStage, table: pa.Table) -> pa.Table:

@@ -49,6 +49,7 @@ class RunStats:
     mode: str = "run"
     source_rows: int = 0
     source_seconds: float = 0.0
+    source_bad_lines: int = 0  # quarantined lines of the source files
     stages: list[StageStats] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     engines: list[dict[str, Any]] = field(default_factory=list)  # when each engine started / was released
@@ -64,7 +65,7 @@ class RunStats:
             "ok": self.ok,
             "error": self.error,
             "seconds": round(self.seconds, 3),
-            "source": {"rows": self.source_rows, "seconds": round(self.source_seconds, 3)},
+            "source": {"rows": self.source_rows, "bad_lines": self.source_bad_lines, "seconds": round(self.source_seconds, 3)},
             "stages": [s.to_dict() for s in self.stages],
             "outputs": self.outputs,
             "engines": self.engines,

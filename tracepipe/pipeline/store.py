@@ -118,11 +118,6 @@ def write_parquet_atomic(df: pl.DataFrame | pa.Table, url: str, compression: str
     _put_atomic(fs, path, _parquet_bytes(table, compression, **kw), is_local(url), durable)
 
 
-def write_text_atomic(text: str, url: str) -> None:
-    fs, path = _fs(url)
-    _put_atomic(fs, path, text.encode("utf-8"), is_local(url))
-
-
 class StageStore:
     """The cached results of one stage at one fingerprint."""
 

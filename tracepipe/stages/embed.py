@@ -65,6 +65,12 @@ class Embed(RowStage):
 
         return {"model": model_fingerprint(self._path())}
 
+    def length_of(self, batch: pl.DataFrame) -> pl.Series | None:
+        """Text length: the runtime hands ``process`` texts of like length (little padding)."""
+        if self.params.field not in batch.columns:
+            return None
+        return batch[self.params.field].cast(pl.String).str.len_chars().fill_null(0)
+
     def setup(self) -> None:
         from tracepipe.text.embedding import load_model
 

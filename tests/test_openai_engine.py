@@ -252,37 +252,7 @@ def test_journal_answers_finished_requests_after_a_crash(counting_server: Counti
     assert len(srv.chat_requests()) == 6
 
 
-def test_journal_settles_what_was_returned_before_the_next_call(counting_server: CountingServer, tmp_path: Path) -> None:
-    srv = counting_server
-    first, second = [req(i) for i in range(3)], [req(i) for i in range(3, 6)]
-    a = engine(srv, tmp_path)
-    a.generate(first)
-    a.generate(second)  # the runner committed `first` before asking for `second`
-    a._journal._fh.close()  # killed here: `second` may not be committed yet
-    b = engine(srv, tmp_path)
-    try:
-        b.ensure_started()
-        assert set(b._journal.pending) == {b.request_key(r) for r in second}
-        b.generate(second)
-        assert b.http_requests == 0 and b.journal_hits == 3
-    finally:
-        b.close()
-
-
-def test_journal_rotates_a_big_file(counting_server: CountingServer, tmp_path: Path) -> None:
-    eng = engine(counting_server, tmp_path)
-    try:
-        eng.ensure_started()
-        eng._journal.max_bytes = 2000
-        for i in range(8):
-            eng.generate([req(10 * i + j) for j in range(3)])
-        eng.generate([])
-        files = list(tmp_path.glob("engines/*/journal-*.jsonl"))
-        assert len(files) == 1 and files[0].stat().st_size < 2000 + 3000
-        assert not eng._journal.pending
-    finally:
-        eng.close()
-    assert not list(tmp_path.glob("engines/*/journal-*.jsonl"))
+# the journal's settle semantics (concurrent callers) are tested in tests/test_openai_ratelimit.py
 
 
 def test_journal_makes_bisecting_a_failed_batch_cheap(tmp_path: Path) -> None:

@@ -30,10 +30,9 @@ from typing import Any
 
 import xxhash
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja", "chat_template.json",
-)
+from tracepipe.hashing import TOKENIZER_FILES, short_hash  # noqa: F401 - re-exported
+from tracepipe.hashing import tokenizer_digest as _tokenizer_digest
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SAMPLE_BYTES = 64 * 1024
 SAMPLES = 16
@@ -42,10 +41,6 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 class FingerprintError(RuntimeError):
     """The model's files cannot be found to fingerprint it (offline and not cached)."""
-
-
-def short_hash(data: str | bytes, n: int = 16) -> str:
-    return xxhash.xxh3_128_hexdigest(data.encode() if isinstance(data, str) else data)[:n]
 
 
 def resolve_local(name: str, base_dir: Path | None = None) -> Path | None:
@@ -107,16 +102,12 @@ def weights_digest(model_dir: Path) -> str:
 
 
 def tokenizer_digest(tok_dir: Path) -> str:
-    h = xxhash.xxh3_128()
-    found = False
-    for name in TOKENIZER_FILES:
-        p = tok_dir / name
-        if p.is_file():
-            found = True
-            h.update(name.encode() + b"\x1f" + p.read_bytes() + b"\x1e")
-    if not found:
-        raise FingerprintError(f"no tokenizer files in {tok_dir}")
-    return h.hexdigest()[:16]
+    """:func:`tracepipe.hashing.tokenizer_digest` (the one every engine uses); no files is a
+    :class:`FingerprintError`."""
+    try:
+        return _tokenizer_digest(tok_dir)
+    except FileNotFoundError as e:
+        raise FingerprintError(str(e)) from None
 
 
 def template_text(tok_dir: Path | None, override: str | None, base_dir: Path | None = None) -> str | None:

@@ -51,16 +51,16 @@ def test_verify_follows_generate_and_equals_a_waiting_run(tmp_path: Path, tiny_m
     waited, rows_wait = _run(tmp_path, "wait", stages, engines, follow=False)
 
     gen, ver = followed["stages"][0], followed["stages"][1]
-    assert gen["computed"] == 32 and gen["extra"]["parts_committed"] >= 2  # committed in parts, not at the end
-    assert gen["extra"]["followed"]["stages"] == ["verify"] and gen["extra"]["followed"]["rows"] == 64
+    assert gen["computed"] == 32 and gen["parts_committed"] >= 2  # committed in parts, not at the end
+    assert gen["followed"]["stages"] == ["verify"] and gen["followed"]["rows"] == 64
     assert ver["computed"] == 0 and ver["cached"] == 64  # verify's rows were done while generate ran
-    assert waited["stages"][1]["computed"] == 64 and "followed" not in waited["stages"][0]["extra"]
+    assert waited["stages"][1]["computed"] == 64 and not waited["stages"][0]["followed"]
     key = ["_key"]
     assert rows.height == rows_wait.height == 64
     assert _cmp(rows).sort(key).equals(_cmp(rows_wait).sort(key))
     assert set(rows["domain"]) == {"math", "code"} and rows["verdict"].is_not_null().all()
     # the driver counted running sequences at every decode step of the stage
-    usage = gen["extra"]["engines"]["teacher"]
+    usage = gen["engines"]["teacher"]
     assert usage["steps"] > 0 and usage["mean_running"] > 1
 
 

@@ -73,8 +73,8 @@ def test_slots_stay_full_from_first_to_last_request(tmp_path: Path) -> None:
     # stay full while rows remain; a batch-synchronous client keeps about 0.6 of them busy here
     assert seen["mean_in_flight"] >= 0.85 * CONC, seen
     gen = stats["stages"][0]
-    assert gen["extra"]["parts_committed"] >= ROWS // 16  # committed as it went, in bounded parts
-    usage = gen["extra"]["engines"]["api"]
+    assert gen["parts_committed"] >= ROWS // 16  # committed as it went, in bounded parts
+    usage = gen["engines"]["api"]
     assert usage["ok_requests"] == ROWS and usage["requests_per_s"] > 0
 
 
@@ -84,7 +84,7 @@ def test_a_429_storm_slows_down_and_loses_nothing(tmp_path: Path) -> None:
     with CountingServer(delay=latency, storm_inflight=3, storm_headers={"Retry-After": "0.05"}) as server:
         stats, stormy = _run(tmp_path, "storm", server.base_url)
         refused = sum(1 for c in server.chat_requests() if c.status == 429)
-    usage = stats["stages"][0]["extra"]["engines"]["api"]
+    usage = stats["stages"][0]["engines"]["api"]
     assert refused > 0 and usage["rate_limited"] == refused
     assert usage["window_min"] < CONC  # the window went down
     cols = [c for c in calm.columns if c not in ("_key", "_parent")]

@@ -330,7 +330,7 @@ class Runner:
                 live = self.ctx.live(name)
                 usage = live.usage() if live is not None else {}
             if usage:
-                st.extra.setdefault("engines", {})[name] = usage
+                st.engines[name] = usage
 
     def _check_errors(self, stage: Stage, st: StageStats, quar: Path | None) -> None:
         denom = max(1, st.computed)
@@ -571,11 +571,11 @@ class Runner:
         finally:
             committer.flush()  # what finished is kept, even when the stage stops on an error
             st.compute_seconds = time.perf_counter() - t0
-            st.extra["parts_committed"] = committer.parts
+            st.parts_committed = committer.parts
             if follower is not None:
                 t1 = time.perf_counter()
                 follower.close()
-                st.extra["followed"] = {"stages": [s.name for s, _ in follower.chain], "rows": follower.rows,
+                st.followed = {"stages": [s.name for s, _ in follower.chain], "rows": follower.rows,
                                         "tail_seconds": round(time.perf_counter() - t1, 3)}
 
     @staticmethod

@@ -28,6 +28,9 @@ class StageStats:
     seconds: float = 0.0
     compute_seconds: float = 0.0
     tokens: int = 0
+    parts_committed: int = 0  # store parts this run committed (streamed stages commit as they go)
+    followed: dict[str, Any] = field(default_factory=dict)  # CPU stages run on its commits while it streamed
+    engines: dict[str, Any] = field(default_factory=dict)  # engine name -> usage counters
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -44,6 +44,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -305,14 +306,16 @@ def running_server(mode: str = "fixed", latency: float | None = None, sigma: flo
     port = port or free_port()
     cmd = [python or sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--mode", mode,
            "--latency", str(lat), "--sigma", str(sigma), "--model", model]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    errlog = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     handle = ServerHandle(port=port, mode=mode, latency=lat, sigma=sigma, process=proc)
     try:
         deadline = time.monotonic() + ready_timeout
         while not handle.healthy():
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                errlog.seek(0)
+                err = errlog.read().decode(errors="replace")
                 raise RuntimeError(f"latency server exited with {proc.returncode}: {err[-2000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"latency server not ready on port {port} after {ready_timeout:.0f}s")
@@ -326,8 +329,7 @@ def running_server(mode: str = "fixed", latency: float | None = None, sigma: flo
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        errlog.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -479,8 +479,9 @@ class Runner:
             if sel is None:
                 continue
             idx = sel["_r"].sort()
-            df = self.cache.read(p, list(dict.fromkeys([*stage.input_columns(), *side_cols])))[idx]
-            df = df.with_columns(list(keys.values())[n][IN_KEY_COL][idx])
+            key = list(keys.values())[n][IN_KEY_COL][idx]
+            df = self.cache.read(p, list(dict.fromkeys([*stage.input_columns(), *side_cols])))
+            df = df[idx].with_columns(key) if df.width else key.to_frame()  # a stage may read no column
             if side_cols:
                 sides.append(df.select(IN_KEY_COL, *[c for c in side_cols if c in df.columns]))
             cols = [c for c in stage.input_columns() if c in df.columns]

@@ -20,12 +20,14 @@ Recipe::
 
 How it works:
 
-- **Client.** ``httpx.AsyncClient`` pools of at most 16 connections each (used in turn) on one background event loop per engine,
+- **Client.** one ``aiohttp`` session (``concurrency`` connections) on one background event loop per engine,
   so the sync :meth:`OpenAIEngine.generate` works from any thread, even one that already runs a
   loop, and from many threads at once (the runtime streams: it keeps :meth:`capacity` requests
-  submitted). httpx rather than the ``openai`` SDK: one retry policy that we own (the SDK retries
-  on its own, with its own backoff and without our request counting), the raw JSON
-  (``reasoning`` / ``reasoning_content`` are not SDK fields), and no extra dependency.
+  submitted). aiohttp rather than httpx for the requests: at hundreds of slots httpx's pool costs
+  a core (see :class:`_Clients`); rather than the ``openai`` SDK: one retry policy that we own
+  (the SDK retries on its own, with its own backoff and without our request counting) and the
+  raw JSON (``reasoning`` / ``reasoning_content`` are not SDK fields). ``/v1/models`` is one
+  httpx GET.
 - **Concurrency (AIMD).** The HTTP requests in flight are bounded by a window of at most
   ``concurrency`` (backoff sleeps hold no slot). A rate-limit answer (429, 503) halves it (at
   least 1), once per round trip: an answer to a request sent before the last cut does not cut
@@ -484,27 +486,43 @@ class _TokenBucket:
         self.level = min(self.capacity, self.level + tokens)
 
 
-#: connections per httpx pool: httpcore scans every connection of its pool on each request, so
-#: one pool of hundreds of connections spends more CPU than the requests (measured at 256 slots on
-#: 2 cores: 0.05 of the slots busy with one pool, 0.88 with pools of 16; benchmarks/generate_api.py)
-SLOTS_PER_POOL = 16
+class _Response:
+    """What the retry loop reads of an HTTP answer (status, headers, body text)."""
+
+    __slots__ = ("headers", "status_code", "text")
+
+    def __init__(self, status_code: int, headers: Any, text: str) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.text = text
+
+    def json(self) -> Any:
+        return json.loads(self.text)
 
 
 class _Clients:
-    """Several ``httpx.AsyncClient`` pools used in turn, so no pool grows past ``SLOTS_PER_POOL``."""
+    """The chat-completions transport: one ``aiohttp`` session with ``concurrency`` connections.
 
-    def __init__(self, clients: list[Any]) -> None:
-        self._clients = clients
-        self._next = 0
+    aiohttp, not httpx, for the requests themselves: measured at 256 slots on 2 cores
+    (``benchmarks/generate_api.py``), httpx + httpcore spent a full core per few hundred requests
+    a second (its pool scans every connection on each request) and kept 0.05 of the slots busy,
+    a bare aiohttp loop 0.94. Created on the engine's loop (aiohttp needs a running loop)."""
 
-    def post(self, url: str, json: Any) -> Any:
-        client = self._clients[self._next % len(self._clients)]
-        self._next += 1
-        return client.post(url, json=json)
+    def __init__(self, concurrency: int, timeout_s: float, headers: dict[str, str]) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency),
+            timeout=aiohttp.ClientTimeout(total=None, connect=min(30.0, timeout_s)),
+            headers=headers,
+        )
+
+    async def post(self, url: str, json: Any) -> _Response:
+        async with self._session.post(url, json=json) as r:
+            return _Response(r.status, r.headers, await r.text(errors="replace"))
 
     async def aclose(self) -> None:
-        for c in self._clients:
-            await c.aclose()
+        await self._session.close()
 
 
 class _Window:
@@ -886,7 +904,6 @@ class OpenAIEngine(Engine):
             self._started = True
 
     def _start(self) -> None:
-        import httpx
 
         cfg = self.config
         self._key = self._read_key()
@@ -897,14 +914,9 @@ class OpenAIEngine(Engine):
         self._pause_until = 0.0
         self._last_ok = time.monotonic()
         self._loop = _LoopThread()
-        pools = -(-cfg.concurrency // SLOTS_PER_POOL)
-        size = -(-cfg.concurrency // pools)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        timeout = httpx.Timeout(cfg.timeout_s, connect=min(30.0, cfg.timeout_s))
 
         async def make() -> None:
-            self._client = _Clients([httpx.AsyncClient(limits=limits, timeout=timeout, headers=self._headers())
-                                     for _ in range(pools)])
+            self._client = _Clients(cfg.concurrency, cfg.timeout_s, self._headers())
             self._window = _Window(cfg.concurrency)
             self._fatal_event = asyncio.Event()
             self._rpm = _TokenBucket(cfg.rpm) if cfg.rpm else None
@@ -1130,7 +1142,7 @@ class OpenAIEngine(Engine):
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST a chat completion: window slot, Retry-After pause, rpm / tpm tokens, then the
         request, retried as the module docs say."""
-        import httpx
+        import aiohttp
 
         assert self._window is not None
         url = f"{self.config.base_url}/chat/completions"
@@ -1155,9 +1167,9 @@ class OpenAIEngine(Engine):
                 tries += 1
                 try:
                     resp = await self._send(url, body)
-                except (asyncio.TimeoutError, httpx.TimeoutException):
+                except (asyncio.TimeoutError, TimeoutError):
                     reason = f"timeout after {self.config.timeout_s:g}s"
-                except httpx.TransportError as e:
+                except (aiohttp.ClientError, OSError) as e:
                     reason = f"connection error ({type(e).__name__})"
                 else:
                     code = resp.status_code

@@ -57,16 +57,20 @@ class StreamPlan:
 
 
 def stream_plan(stage: RowStage) -> StreamPlan:
-    """Model stages on an engine that runs many requests at once stream one row per call, with
-    more calls in flight than the engine's capacity: every unfinished call holds at least one
-    unfinished request, so the engine always has work queued behind what it runs. Everything
+    """Model stages on an engine that runs many requests at once stream a row (a few for wide
+    engines) per call, with more calls in flight than the engine's capacity: every unfinished
+    call holds at least one unfinished request, so the engine always has work queued behind
+    what it runs. Everything
     else runs in batches of ``rows_per_batch``, one at a time (or in the CPU pool)."""
     names = [n for n in stage.engine_names() if n in stage.ctx.engines]
     if names:
         engine = stage.ctx.engine(names[0])
         cap = 1 if engine.bulk else engine.capacity()
         if cap > 1:
-            return StreamPlan(1, min(MAX_CALLS_IN_FLIGHT, cap + max(4, cap // 4)))
+            # a few rows per call once the engine is wide (less per-call Python for the same
+            # work; a call's rows are committed when its slowest one finishes)
+            rows = max(1, min(stage.rows_per_batch(), cap // (32 * stage.requests_per_row())))
+            return StreamPlan(rows, min(MAX_CALLS_IN_FLIGHT, cap + max(4, cap // 4)))
     return StreamPlan(stage.rows_per_batch(), 1)
 
 

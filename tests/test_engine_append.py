@@ -29,8 +29,8 @@ from tracepipe.stages.dedup import DUP_OF, NORM_HASH
 
 STAGES = [
     {"dedup": {"method": "exact"}},
-    {"filter": {"where": "length(problem) < 400"}},
-    {"map": {"set": {"response": "solution"}}},
+    {"filter": {"store": True, "where": "length(problem) < 400"}},
+    {"map": {"store": True, "set": {"response": "solution"}}},
 ]
 
 
@@ -221,7 +221,7 @@ def test_repeated_ids_in_appended_rows_get_the_next_suffix(tmp_path: Path) -> No
     d = tmp_path / "inc"
     d.mkdir()
     src = write_jsonl(d / "src.jsonl", rows)
-    stages = [{"filter": {"where": "true"}}]
+    stages = [{"filter": {"store": True, "where": "true"}}]
     recipe = _recipe(d, src, stages, **cols)
     _run(recipe)
     write_jsonl(src, rows + more)

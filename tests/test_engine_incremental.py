@@ -31,10 +31,10 @@ def _recipe(tmp_path: Path, src: Path, stages: list[dict]) -> Path:
 
 
 STAGES = [
-    {"map": {"set": {"plen": "length(problem)"}}},
+    {"map": {"store": True, "set": {"plen": "length(problem)"}}},
     {"dedup": {"method": "exact"}},
-    {"filter": {"where": "length(problem) < 400"}},
-    {"map": {"set": {"response": "solution", "alen": "length(answer)"}}},
+    {"filter": {"store": True, "where": "length(problem) < 400"}},
+    {"map": {"store": True, "set": {"response": "solution", "alen": "length(answer)"}}},
 ]
 
 
@@ -75,7 +75,7 @@ def test_row_keys_are_content_addressed(tmp_path: Path) -> None:
     """A row stage's key hashes only the columns it reads: equal inputs are computed once."""
     rows = read_jsonl(GSM8K_TRAIN, limit=1100)
     src = write_jsonl(tmp_path / "src.jsonl", rows[:1000])
-    stages = [{"map": {"set": {"plen": "length(problem)"}}}, {"filter": {"where": "plen < 400"}}]
+    stages = [{"map": {"store": True, "set": {"plen": "length(problem)"}}}, {"filter": {"store": True, "where": "plen < 400"}}]
     recipe = _recipe(tmp_path, src, stages)
     first = _run(recipe)
     old = {len(r["question"]) for r in rows[:1000]}
@@ -89,13 +89,13 @@ def test_row_keys_are_content_addressed(tmp_path: Path) -> None:
 def test_changed_parameter_recomputes_that_stage_and_dependents(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "src.jsonl", read_jsonl(GSM8K_TRAIN, limit=800))
     stages = [
-        {"map": {"set": {"plen": "length(problem)"}}},
-        {"map": {"set": {"bucket": "length(problem) / 100"}}},
-        {"map": {"set": {"tag": "CONCAT('b', CAST(bucket AS VARCHAR))"}}},
+        {"map": {"store": True, "set": {"plen": "length(problem)"}}},
+        {"map": {"store": True, "set": {"bucket": "length(problem) / 100"}}},
+        {"map": {"store": True, "set": {"tag": "CONCAT('b', CAST(bucket AS VARCHAR))"}}},
     ]
     recipe = _recipe(tmp_path, src, stages)
     _run(recipe)
-    stages[1] = {"map": {"set": {"bucket": "length(problem) / 50"}}}
+    stages[1] = {"map": {"store": True, "set": {"bucket": "length(problem) / 50"}}}
     recipe = _recipe(tmp_path, src, stages)
     plan = _plan(recipe)
     assert plan["stages"][0]["to_compute"] == 0
@@ -109,13 +109,13 @@ def test_changed_parameter_recomputes_that_stage_and_dependents(tmp_path: Path) 
     assert stats["stages"][2]["computed"] == len(new_buckets - old_buckets)
     assert stats["stages"][2]["computed"] > 0
     # changing it back reuses every cached result: content-addressed, nothing recomputed
-    stages[1] = {"map": {"set": {"bucket": "length(problem) / 100"}}}
+    stages[1] = {"map": {"store": True, "set": {"bucket": "length(problem) / 100"}}}
     stats = _run(_recipe(tmp_path, src, stages))
     assert [s["computed"] for s in stats["stages"]] == [0, 0, 0]
 
 
 def test_execution_only_params_keep_the_cache(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "src.jsonl", read_jsonl(GSM8K_TRAIN, limit=300))
-    _run(_recipe(tmp_path, src, [{"map": {"set": {"plen": "length(problem)"}, "batch_size": 64}}]))
-    stats = _run(_recipe(tmp_path, src, [{"map": {"set": {"plen": "length(problem)"}, "batch_size": 7}}]))
+    _run(_recipe(tmp_path, src, [{"map": {"store": True, "set": {"plen": "length(problem)"}, "batch_size": 64}}]))
+    stats = _run(_recipe(tmp_path, src, [{"map": {"store": True, "set": {"plen": "length(problem)"}, "batch_size": 7}}]))
     assert stats["stages"][0]["computed"] == 0

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 from tests.fixtures.recipes import GSM8K_TRAIN, write_recipe
 
 STAGES = [
-    {"map": {"set": {"plen": "length(problem)"}, "batch_size": 25}},
+    {"map": {"store": True, "set": {"plen": "length(problem)"}, "batch_size": 25}},
     {"dedup": {"method": "exact"}},
-    {"map": {"set": {"response": "solution", "reasoning": "CONCAT('Let me think. ', problem)"}, "batch_size": 25}},
-    {"filter": {"where": "plen < 600"}},
+    {"map": {"store": True, "set": {"response": "solution", "reasoning": "CONCAT('Let me think. ', problem)"}, "batch_size": 25}},
+    {"filter": {"store": True, "where": "plen < 600"}},
 ]
 
 

@@ -58,7 +58,7 @@ def test_an_appending_rerun_reads_no_store_part_to_find_its_new_keys(tmp_path: P
     src = write_jsonl(tmp_path / "src.jsonl", rows[:2000])
     recipe = write_recipe(tmp_path / "r.yaml", {
         "name": "idx", "workdir": str(tmp_path / "work"), "source": [{"path": str(src), "preset": "gsm8k"}],
-        "stages": [{"filter": {"where": "length(problem) < 400"}}],
+        "stages": [{"filter": {"store": True, "where": "length(problem) < 400"}}],
         "outputs": [{"format": "sft-messages", "path": str(tmp_path / "out")}],
     })
     Runner(load_recipe(recipe)).run()

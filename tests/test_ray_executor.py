@@ -56,8 +56,8 @@ source:
     name: gsm8k_train
 stages:
   - dedup: {{method: exact}}
-  - filter: {{where: "length(problem) < {max_len}"}}
-  - map: {{set: {{{sets}}}, batch_size: {map_batch}}}
+  - filter: {{store: true, where: "length(problem) < {max_len}"}}
+  - map: {{store: true, set: {{{sets}}}, batch_size: {map_batch}}}
 outputs:
   - format: sft-messages
     path: {d / "out"}
@@ -70,16 +70,17 @@ executor: {{kind: {executor}, options: {{num_cpus: 2, object_store_memory: 200MB
 
 @pytest.fixture
 def capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, pl.DataFrame]:
-    """Final rows of each run, taken where the runner hands them to the output writer."""
-    import tracepipe.pipeline.runner as runner
+    """Final rows of each run, taken where the publish step (after the runner) hands them to the output writer."""
+    import tracepipe.publish as publish
 
     seen: dict[str, pl.DataFrame] = {}
 
-    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None, parts: Any = None, held: Any = None) -> dict[str, Any]:
+    def fake_write(final: pl.LazyFrame, spec: Any, recipe: Any, stats: Any = None, parts: Any = None, held: Any = None,
+                   scrubber: Any = None) -> dict[str, Any]:
         seen["rows"] = final.collect()
         return {"format": spec.format, "path": spec.path, "files": [], "rows": {}}
 
-    monkeypatch.setattr(runner, "write_output", fake_write)
+    monkeypatch.setattr(publish, "write_output", fake_write)
     return seen
 
 

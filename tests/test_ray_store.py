@@ -163,8 +163,8 @@ source:
     limit: 600
 stages:
   - dedup: {{method: exact}}
-  - filter: {{where: "length(problem) < 300"}}
-  - map: {{set: {{n_chars: "length(problem)"}}, batch_size: 100}}
+  - filter: {{store: true, where: "length(problem) < 300"}}
+  - map: {{store: true, set: {{n_chars: "length(problem)"}}, batch_size: 100}}
 executor: {{kind: {executor}}}
 """)
     try:

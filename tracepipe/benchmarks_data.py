@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracepipe.pipeline.keys import hash_text
+from tracepipe.hashing import hash_text
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
 

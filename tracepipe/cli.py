@@ -16,7 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tracepipe.recipe import Recipe, RecipeError, load_recipe
+from tracepipe.contract import ERROR_COL, REASON_COL
+from tracepipe.errors import BadSourceLine, RecipeError, RunFailed, SourceError
+from tracepipe.recipe import Recipe, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build reasoning-trace datasets from one recipe.")
 console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
@@ -40,8 +42,6 @@ def _input_errors(verb: str, os_exit: int = EXIT_FAILED) -> Iterator[None]:
     recipe says (no file matches, a column that is not there, ...) exits 2; a file or folder
     that cannot be written or read (a workdir under a missing or read-only folder) exits
     ``os_exit``."""
-    from tracepipe.sources import BadSourceLine, SourceError
-
     try:
         yield
     except BadSourceLine as e:
@@ -97,7 +97,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print the run stats as JSON on stdout"),
 ) -> None:
     """Run the recipe; only rows and stages missing from the store are computed."""
-    from tracepipe.pipeline.runner import RunFailed, Runner
+    from tracepipe.pipeline.runner import Runner
 
     r = _load(recipe)
     _apply_executor(r, executor, workers)
@@ -125,7 +125,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
 ) -> None:
     """Per stage: rows cached / rows to compute. Runs nothing ('+' = an earlier stage has work)."""
-    from tracepipe.pipeline.runner import RunFailed, Runner
+    from tracepipe.pipeline.runner import Runner
 
     r = _load(recipe)
     try:
@@ -159,7 +159,7 @@ def status(
             console.print(f"cannot read {stats_file}: {e}", style="yellow", markup=False, highlight=False)
     for kind in ("rejects", "quarantine"):
         d = wd / kind
-        col = "_reason" if kind == "rejects" else "_error"
+        col = REASON_COL if kind == "rejects" else ERROR_COL
         groups: dict[str, list[str]] = {}
         for f in sorted(d.glob("*.parquet")) if d.exists() else []:
             # rejects come one file per frame part: <NNN>-<stage>-<k>.parquet

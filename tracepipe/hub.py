@@ -15,6 +15,10 @@ Hub (``outputs[].push: {repo, private, revision, token_env}``):
 
 Directory / fsspec URL (``push: {url: ...}``): the same diff against a manifest of sha256 sums
 kept at ``<url>/.tracepipe-manifest.json``; changed files are copied, stale shards removed.
+
+This module reads written output directories; it never imports the writer (``tracepipe.outputs``).
+After a run, :func:`tracepipe.publish.publish` calls :func:`push_output` with the run's
+:class:`~tracepipe.secrets.Scrubber`; ``tracepipe push`` calls :func:`push_outputs`, which makes one.
 """
 
 from __future__ import annotations
@@ -26,15 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tracepipe.outputs._secrets import recipe_secret_env_names, scrub
+from tracepipe.errors import PushError
+from tracepipe.locations import output_location
+from tracepipe.secrets import Scrubber
 
 #: top-level files pushed next to ``data/`` (bookkeeping files with local paths stay local)
 PUSHED_TOP = ("README.md", "recipe.yaml", "summary.json", "dataset_info.json", "token_lengths.png", "difficulty.png")
 MANIFEST = ".tracepipe-manifest.json"
-
-
-class PushError(RuntimeError):
-    """A push failed; the message names what and why, never the token."""
 
 
 def sha256_file(path: Path) -> str:
@@ -92,14 +94,16 @@ def _unchanged(remote: Any, local: Path) -> bool:
     return remote.blob_id == git_blob_sha1(local)
 
 
-def push_to_hub(out: Path, repo_id: str, push: Any, recipe_name: str, secret_names: set[str] | None = None) -> Iterator[str]:
-    """Push one output directory to a Hub dataset repo in one commit; yields progress lines."""
+def push_to_hub(out: Path, repo_id: str, push: Any, recipe_name: str, scrubber: Scrubber | None = None) -> Iterator[str]:
+    """Push one output directory to a Hub dataset repo in one commit; yields progress lines.
+
+    Errors are :class:`PushError` with the message scrubbed (``scrubber``, plus the token)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     import tracepipe
 
     token = os.environ.get(push.token_env) or None  # None: huggingface_hub's cached login / HF_TOKEN
-    hide = [token] if token else []
+    hide = (scrubber or Scrubber()).with_values(token)
     try:
         if constants.HF_HUB_OFFLINE:
             raise PushError("HF_HUB_OFFLINE is set: unset it to push to the Hub")
@@ -133,16 +137,9 @@ def push_to_hub(out: Path, repo_id: str, push: Any, recipe_name: str, secret_nam
         yield (f"hub {where}: {len(adds)} file(s) added or changed ({len(adds) - moved} with new content, "
                f"{moved} renamed with known content), {len(deletes)} deleted, {same} unchanged; commit {info.oid[:12]}")
     except PushError as e:
-        raise PushError(scrub(str(e), secret_names or (), values=hide + _env_secrets(secret_names))) from None
+        raise PushError(hide.text(str(e))) from None
     except Exception as e:
-        msg = scrub(f"{type(e).__name__}: {e}", values=hide + _env_secrets(secret_names))
-        raise PushError(f"push to {repo_id} failed: {msg}") from None
-
-
-def _env_secrets(names: set[str] | None) -> list[str]:
-    from tracepipe.outputs._secrets import secret_values
-
-    return secret_values(names or ())
+        raise PushError(f"push to {repo_id} failed: {hide.text(f'{type(e).__name__}: {e}')}") from None
 
 
 # -- directory / fsspec URL -----------------------------------------------------------------------
@@ -184,16 +181,16 @@ def push_to_url(out: Path, url: str) -> Iterator[str]:
 
 # -- entry points -----------------------------------------------------------------------------------
 def _output_dir(recipe: Any, spec: Any) -> Path:
-    from tracepipe.outputs._writer import output_location
-
     loc = output_location(recipe, spec)
     if "://" in loc:
         raise PushError(f"output {spec.path!r} is not a local directory: push it from a local output path")
     return Path(loc)
 
 
-def push_output(recipe: Any, spec: Any, repo: str | None = None) -> Iterator[str]:
-    """Push one written ``outputs[i]`` to its ``push`` target (``repo`` overrides the Hub repo)."""
+def push_output(recipe: Any, spec: Any, repo: str | None = None, scrubber: Scrubber | None = None) -> Iterator[str]:
+    """Push one written ``outputs[i]`` to its ``push`` target (``repo`` overrides the Hub repo).
+
+    ``scrubber``: the secrets to keep out of error messages (default: the recipe's)."""
     from tracepipe.recipe import PushSpec
 
     push = spec.push
@@ -206,7 +203,7 @@ def push_output(recipe: Any, spec: Any, repo: str | None = None) -> Iterator[str
         yield from push_to_url(out, push.url)
     else:
         assert push.repo
-        yield from push_to_hub(out, push.repo, push, recipe.name, recipe_secret_env_names(recipe))
+        yield from push_to_hub(out, push.repo, push, recipe.name, scrubber or Scrubber.for_recipe(recipe))
 
 
 def push_outputs(recipe: Any, repo: str | None = None) -> Iterator[str]:
@@ -218,5 +215,6 @@ def push_outputs(recipe: Any, repo: str | None = None) -> Iterator[str]:
             raise PushError(f"--repo names one repo but the recipe has {len(targets)} outputs to push; set outputs[].push.repo instead")
     if not targets:
         raise PushError("no output has `push:` in the recipe; add `push: {repo: org/name}` or pass --repo")
+    scrubber = Scrubber.for_recipe(recipe)
     for spec in targets:
-        yield from push_output(recipe, spec, repo=repo)
+        yield from push_output(recipe, spec, repo=repo, scrubber=scrubber)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import glob as globlib
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from tracepipe.engines.base import EngineConfig
+from tracepipe.errors import Problem, RecipeError  # noqa: F401 - re-exported
 from tracepipe.stages.base import StageParams
 
 
@@ -157,29 +157,6 @@ class Recipe(_Model):
 
 
 # -- errors -----------------------------------------------------------------------------------
-@dataclass
-class Problem:
-    path: str
-    line: int | None
-    message: str
-
-
-class RecipeError(Exception):
-    """All problems found in a recipe, each with its YAML path and line."""
-
-    def __init__(self, file: str, problems: list[Problem]) -> None:
-        self.file = file
-        self.problems = problems
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        lines = [f"{len(self.problems)} problem(s) in {self.file}:"]
-        for p in self.problems:
-            loc = f"{self.file}:{p.line}" if p.line else self.file
-            lines.append(f"  {loc}: {p.path or '<top>'}: {p.message}")
-        return "\n".join(lines)
-
-
 def _fmt_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:

@@ -15,8 +15,9 @@ from typing import Any
 
 import polars as pl
 
+from tracepipe.locations import output_location
 from tracepipe.outputs import _card, _plots
-from tracepipe.outputs._secrets import recipe_secret_env_names, scrub
+from tracepipe.secrets import Scrubber
 
 REPORT_TEMPLATE = "report.html.j2"
 ASSISTANT_COLUMNS = ("messages", "completion", "conversations", "chosen")
@@ -79,8 +80,6 @@ def shard_stats(out: Path) -> dict[str, Any]:
 
 
 def _output_section(recipe: Any, spec: Any, out_dir: Path, index: int) -> dict[str, Any]:
-    from tracepipe.outputs._writer import output_location
-
     loc = output_location(recipe, spec)
     sec: dict[str, Any] = {"index": index, "format": spec.format, "path": loc, "written": False, "plots": {}}
     if "://" in loc or not (Path(loc) / "output.json").exists():
@@ -132,5 +131,5 @@ def build_report(recipe: Any, output_dir: Path | None = None) -> Path:
         name=recipe.name, workdir=str(workdir), stats=stats, runs=runs, plots=plots, outputs=outputs,
     )
     path = out_dir / "report.html"
-    path.write_text(scrub(html, recipe_secret_env_names(recipe)))
+    path.write_text(Scrubber.for_recipe(recipe).text(html))
     return path

@@ -28,17 +28,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import xxhash
 
+from tracepipe.contract import ERROR_COL, KEY_COL, ORDER_COL
+from tracepipe.errors import BadSourceLine, SourceError
 from tracepipe.pipeline.frames import FrameCache, Part, digest_of
-from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
 from tracepipe.verifiers.math import last_boxed  # one extractor for gold and predicted answers
 
 CANONICAL = ("id", "problem", "answer", "tests", "domain", "source")
 
 _WS = re.compile(r"\s+")
-
-
-class SourceError(ValueError):
-    """A source that cannot be read; the message names the source entry and the file."""
 
 
 def normalize_text(text: str | None) -> str:
@@ -318,22 +315,11 @@ def _read_range(path: str, start: int, end: int) -> bytes:
 # -- bad lines: found per chunk, kept with the chunk's part, reported with file and line -------
 RAW_CHARS = 200  # `raw` keeps this many characters of a bad line
 POS_COL = "_source_pos"  # a row's position in its chunk (line, or row for Parquet), while it is read
-BAD_SCHEMA = {"file": pl.String, "line": pl.Int64, "_error": pl.String, "raw": pl.String}
-_CHUNK_BAD_SCHEMA = {POS_COL: pl.Int64, "_error": pl.String, "raw": pl.String}
+BAD_SCHEMA = {"file": pl.String, "line": pl.Int64, ERROR_COL: pl.String, "raw": pl.String}
+_CHUNK_BAD_SCHEMA = {POS_COL: pl.Int64, ERROR_COL: pl.String, "raw": pl.String}
 # what polars makes of a number, boolean, list or object in a column it otherwise reads as text
 _COERCED = r"(?s)^(?:-?\d[\d.eE+-]*|true|false|\[.*\]|\{.*\})$"
 _BLANK = np.array([9, 10, 13, 32], dtype=np.uint8)
-
-
-class BadSourceLine(ValueError):
-    """A bad source line (or Parquet row) under ``on_bad_line: error``.
-
-    The message is one line, ``path/to/file.jsonl:LINE: reason`` (``file: row N: reason`` for
-    Parquet and Hugging Face rows); ``file``, ``line`` and ``reason`` are kept as attributes."""
-
-    def __init__(self, file: str, line: int, reason: str, row_index: bool = False) -> None:
-        self.file, self.line, self.reason = file, line, reason
-        super().__init__(f"{file}: row {line}: {reason}" if row_index else f"{file}:{line}: {reason}")
 
 
 @dataclass
@@ -666,10 +652,10 @@ def _locate(bad: pl.DataFrame, ref: _ChunkRef, offset: int, on_bad_line: str) ->
     1-based for JSONL; the row index for tables); under ``on_bad_line: error``, the first raises
     :class:`BadSourceLine`."""
     first = offset + (1 if ref.lines else 0)
-    out = bad.select(pl.lit(ref.file, dtype=pl.String).alias("file"), (pl.col(POS_COL) + first).alias("line"), "_error", "raw")
+    out = bad.select(pl.lit(ref.file, dtype=pl.String).alias("file"), (pl.col(POS_COL) + first).alias("line"), ERROR_COL, "raw")
     if on_bad_line == "error":
         row = out.row(0, named=True)
-        raise BadSourceLine(row["file"], row["line"], row["_error"], row_index=not ref.lines)
+        raise BadSourceLine(row["file"], row["line"], row[ERROR_COL], row_index=not ref.lines)
     return out
 
 
@@ -726,7 +712,7 @@ def load_sources(specs: list[Any], base_dir: Path, cache: FrameCache | None = No
         bads += b
     bad = pl.concat(bads) if bads else pl.DataFrame(schema=BAD_SCHEMA)
     if not parts:
-        first = f"; first: {bad['file'][0]}:{bad['line'][0]}: {bad['_error'][0]}" if bad.height else ""
+        first = f"; first: {bad['file'][0]}:{bad['line'][0]}: {bad[ERROR_COL][0]}" if bad.height else ""
         raise SourceError(f"source: no rows ({bad.height} bad line(s){first})" if bad.height else "source: no rows")
     return Sources(_distinct_keys(parts, cache), bad, sum(p.rows for p in parts) + bad.height)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import xxhash
 
+from tracepipe.errors import FingerprintError
 from tracepipe.hashing import TOKENIZER_FILES, short_hash  # noqa: F401 - re-exported
 from tracepipe.hashing import tokenizer_digest as _tokenizer_digest
 
@@ -37,10 +38,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SAMPLE_BYTES = 64 * 1024
 SAMPLES = 16
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-class FingerprintError(RuntimeError):
-    """The model's files cannot be found to fingerprint it (offline and not cached)."""
 
 
 def resolve_local(name: str, base_dir: Path | None = None) -> Path | None:

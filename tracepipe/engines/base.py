@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracepipe.errors import EngineFatalError  # noqa: F401 - re-exported
+
 
 class EngineConfig(BaseModel):
     """Base of every engine kind's recipe config; unknown keys are errors."""
@@ -64,13 +66,6 @@ class ScoreResult:
     logprobs: list[float | None]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
-
-
-class EngineFatalError(RuntimeError):
-    """An error no retry can fix (key refused, no such model): the stage stops at once.
-
-    Row errors are quarantined one by one; this one would fail every row the same way, so the
-    runtime stops the stage with this message instead of sending the rest."""
 
 
 class Engine(ABC):

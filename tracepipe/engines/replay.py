@@ -27,7 +27,7 @@ from pydantic import Field
 from tracepipe.engines import register_engine
 from tracepipe.engines._hf import load_tokenizer
 from tracepipe.engines.base import Completion, Engine, EngineConfig, GenerationRequest
-from tracepipe.pipeline.keys import fingerprint as _fp
+from tracepipe.hashing import fingerprint as _fp
 
 
 class ReplayConfig(EngineConfig):

@@ -5,7 +5,8 @@
 difficulty bands, decontamination and compression stats, length histograms). :func:`render_card`
 fills the Jinja template ``dataset_card.md.j2`` with it, under a YAML front matter the Hub reads
 (``configs`` with ``data_files`` globs, license, task_categories, language, size_categories,
-tags, dataset_info). Everything written passes through :func:`tracepipe.outputs._secrets.scrub`.
+tags, dataset_info). This module only formats: the writer scrubs secrets from what it writes
+(:class:`tracepipe.secrets.Scrubber`, made once by :func:`tracepipe.publish.publish`).
 
 The templates (this card's and the HTML report's) are package data in ``tracepipe/data_cards/``,
 found through the installed package only (:func:`templates_dir`), so a wheel install has them.
@@ -26,8 +27,8 @@ import polars as pl
 import yaml
 
 import tracepipe
+from tracepipe.contract import STAGE_COL
 from tracepipe.outputs import _plots
-from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
 
 if TYPE_CHECKING:  # pragma: no cover
     from importlib.resources.abc import Traversable
@@ -248,8 +249,8 @@ def contamination_by_benchmark(rejects: list[str]) -> dict[str, int]:
         cols = [pl.col("contam_benchmark").cast(pl.String).fill_null("?").alias("b")]
         cols.append(pl.col("contam_method").cast(pl.String).fill_null("?").alias("m") if "contam_method" in schema else pl.lit("?").alias("m"))
         lf = pl.scan_parquet(p)
-        if "_stage" in schema:
-            lf = lf.filter(pl.col("_stage") == "decontaminate")
+        if STAGE_COL in schema:
+            lf = lf.filter(pl.col(STAGE_COL) == "decontaminate")
         for b, m, n in lf.select(cols).group_by("b", "m").len().sort("b", "m").collect().iter_rows():
             out[f"{b}:{m}"] = out.get(f"{b}:{m}", 0) + int(n)
     return out
@@ -268,7 +269,8 @@ def summarize(
     """Everything the card and the report show about one output, as a JSON-able dict.
 
     ``known`` may give ``final_rows`` and ``domains`` already summed over the final parts (the
-    writer keeps them per part), so they are not counted over every row again."""
+    writer keeps them per part), so they are not counted over every row again. Not scrubbed of
+    secrets: the writer scrubs it (with the run's one :class:`~tracepipe.secrets.Scrubber`)."""
     known = known or {}
     stages = stage_summaries(stats)
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dict.fromkeys(f["split"] for f in files)}
@@ -307,7 +309,7 @@ def summarize(
             for s in stages if s["name"] == "logprobs"
         ],
     }
-    return scrub_obj(summary, recipe_secret_env_names(recipe))
+    return summary
 
 
 # -- plots and card ------------------------------------------------------------------------------
@@ -409,8 +411,8 @@ def usage_snippet(fmt: str, repo_or_path: str) -> str:
     return load
 
 
-def render_card(summary: dict[str, Any], recipe_text: str | None, card_opts: dict[str, Any], features: Any, plots: list[str],
-                secret_names: set[str]) -> str:
+def render_card(summary: dict[str, Any], recipe_text: str | None, card_opts: dict[str, Any], features: Any, plots: list[str]) -> str:
+    """README.md's text (not scrubbed: the writer scrubs what it writes)."""
     fm = front_matter(summary, card_opts, features)
     env = jinja_env()
     text = env.get_template(CARD_TEMPLATE).render(
@@ -424,4 +426,4 @@ def render_card(summary: dict[str, Any], recipe_text: str | None, card_opts: dic
         extra_text=card_opts.get("text"),
         isfinite=math.isfinite,
     )
-    return scrub(text, secret_names)
+    return text

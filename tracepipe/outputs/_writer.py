@@ -21,8 +21,10 @@ and appending rows leaves earlier shards' bytes unchanged, so a re-push uploads 
 
 Everything is written into a temporary directory next to the output and swapped in at the end
 (readers see the old set or the new one). ``path`` may be an fsspec URL: the files are built
-locally and copied there. With ``push:`` set, the output is pushed after it is written
-(``TRACEPIPE_NO_PUSH=1`` skips that; ``tracepipe push`` pushes later).
+locally and copied there. The writer never pushes: :func:`tracepipe.publish.publish` writes each
+output, then pushes it when ``push:`` is set (``TRACEPIPE_NO_PUSH=1`` skips that; ``tracepipe push``
+pushes later). Every text file written here passes through one
+:class:`~tracepipe.secrets.Scrubber` (the caller's, else one made for the recipe).
 
 Options every format understands: ``where`` (SQL filter over the final rows before formatting),
 ``curriculum_order`` (default true: rows ranked by ``select: {curriculum: ...}`` are written in
@@ -48,10 +50,11 @@ import pyarrow.compute  # noqa: F401 - RecordBatch.cast needs it; loaded here, n
 import pyarrow.parquet as pq
 import xxhash
 
+from tracepipe.locations import output_location, rejects_paths  # noqa: F401 - re-exported
 from tracepipe.outputs import _card, get_format, is_row_local
 from tracepipe.outputs._common import option_bool
-from tracepipe.outputs._secrets import recipe_secret_env_names, scrub, scrub_obj
 from tracepipe.pipeline.frames import digest_of, frame_schema, scan_parts
+from tracepipe.secrets import Scrubber
 
 log = logging.getLogger(__name__)
 
@@ -215,23 +218,6 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def output_location(recipe: Any, spec: Any) -> str:
-    """The output's directory (absolute local path) or its fsspec URL."""
-    if "://" in spec.path and not spec.path.startswith("file://"):
-        return spec.path
-    p = Path(spec.path.removeprefix("file://")).expanduser()
-    return str(p if p.is_absolute() else (Path(recipe.base_dir) / p).resolve())
-
-
-def rejects_paths(recipe: Any) -> list[str]:
-    """The workdir's ``rejects/*.parquet`` of the last run (negatives for DPO, dropped verdicts)."""
-    wd = recipe.workdir_path()
-    if "://" in wd:
-        return []
-    d = Path(wd) / "rejects"
-    return [str(p) for p in sorted(d.glob("*.parquet"))] if d.is_dir() else []
-
-
 def _swap_in(tmp: Path, out: Path) -> None:
     prev: list[str] = []
     if (out / "output.json").exists():
@@ -351,14 +337,15 @@ def _append_plan(prev: dict[str, Any], out: Path, layout: str, parts: list[Any],
 
 def write_output(
     final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None = None, parts: list[Any] | None = None,
-    held: Callable[[Any], pl.DataFrame | None] | None = None,
+    held: Callable[[Any], pl.DataFrame | None] | None = None, scrubber: Scrubber | None = None,
 ) -> dict[str, Any]:
-    """Write one ``outputs[i]`` entry; returns what was written (files, rows per split).
+    """Write one ``outputs[i]`` entry; returns what was written (files, rows per split). Never pushes.
 
     ``parts`` (the frame parts ``final`` scans, in order) lets a rerun append: when the last
     write's parts are a prefix of them, its shards are kept byte for byte and only the rows of the
     new parts are formatted and written, as new shards (see :func:`_append_plan`). ``held`` gives
     a part's rows when they are still in memory (else None: the part's file is read).
+    ``scrubber`` masks secrets in every text file written (default: one made for ``recipe``).
     """
     options = dict(spec.options)
     card_opts = dict(options.pop("card", None) or {})
@@ -391,7 +378,7 @@ def write_output(
     plan = _append_plan(prev, out, layout, parts, shard_bytes) if parts is not None and not whole and not remote else None
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{uuid.uuid4().hex[:8]}"
-    secret_names = recipe_secret_env_names(recipe)
+    scrubber = scrubber or Scrubber.for_recipe(recipe)
     try:
         files: list[dict[str, Any]] | None = None
 
@@ -423,18 +410,18 @@ def write_output(
         if figures is not None:
             per_part = list(figures["parts"].values())
             known = {"final_rows": sum(f["rows"] for f in per_part), "domains": sorted({d for f in per_part for d in f["domains"]})}
-        summary = _card.summarize(final, spec, recipe, stats, files, rejects, known=known, schema=in_schema)
+        summary = scrubber.obj(_card.summarize(final, spec, recipe, stats, files, rejects, known=known, schema=in_schema))
         plots = _card.write_plots(summary, tmp)
-        recipe_text = scrub(Path(recipe.path).read_text(), secret_names) if recipe.path is not None else None
+        recipe_text = scrubber.text(Path(recipe.path).read_text()) if recipe.path is not None else None
         if recipe_text is not None:
             (tmp / "recipe.yaml").write_text(recipe_text)
         first_shard = tmp / files[0]["file"]
         features = _card.hf_features(pq.read_schema(first_shard))
-        card = _card.render_card(summary, recipe_text, card_opts, features, plots, secret_names)
+        card = scrubber.text(_card.render_card(summary, recipe_text, card_opts, features, plots))
         (tmp / "README.md").write_text(card)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if stats is not None:
-            (tmp / "stats.json").write_text(json.dumps(scrub_obj(stats, secret_names), indent=2, default=str))
+            (tmp / "stats.json").write_text(json.dumps(scrubber.obj(stats), indent=2, default=str))
         if spec.format == "sharegpt":
             from tracepipe.outputs.sharegpt import llamafactory_info
 
@@ -463,8 +450,6 @@ def write_output(
         shutil.rmtree(tmp, ignore_errors=True)
         if remote:
             shutil.rmtree(out, ignore_errors=True)
-    if spec.push is not None and not os.environ.get("TRACEPIPE_NO_PUSH"):
-        info["push"] = _push_after_write(recipe, spec)
     return info
 
 
@@ -524,13 +509,3 @@ def _write_data(
         files += mine
     return name_shards(files, data)
 
-
-def _push_after_write(recipe: Any, spec: Any) -> list[str]:
-    """Push right after writing (``outputs[].push``); a failed push fails the run, token-free."""
-    from tracepipe.hub import push_output
-    from tracepipe.pipeline.runner import RunFailed
-
-    try:
-        return list(push_output(recipe, spec))
-    except Exception as e:
-        raise RunFailed(f"push of output {spec.path!r} failed: {scrub(f'{type(e).__name__}: {e}', recipe_secret_env_names(recipe))}") from None

@@ -80,6 +80,7 @@ from typing import Any
 import polars as pl
 import xxhash
 
+from tracepipe.contract import KEY_COL
 from tracepipe.outputs import register_format
 from tracepipe.outputs._common import (
     assistant_expr,
@@ -95,7 +96,7 @@ KINDS = ("correctness", "length", "compressed")
 POLICIES = ("shortest", "longest", "random", "first")
 ROW_COLUMNS = (
     "id", "problem", "messages", "reasoning", "reasoning_compressed", "response", "verdict",
-    "completion_tokens", "sample", "_key", "reasoning_tokens", "reasoning_compressed_tokens", "compress_status",
+    "completion_tokens", "sample", KEY_COL, "reasoning_tokens", "reasoning_compressed_tokens", "compress_status",
 )
 TRACE_TOKENS = "reasoning_compressed_tokens"
 CHARS = "chars"
@@ -272,8 +273,8 @@ def dpo_pairs(lf: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
             for p in _rows_from_rejects(list(options.get("_rejects") or []), schema, row_columns, wanted)
         ]
     allrows = pl.concat(parts, how="vertical_relaxed") if len(parts) > 1 else rows
-    if "_key" in schema:
-        rkey = pl.col("_key")
+    if KEY_COL in schema:
+        rkey = pl.col(KEY_COL)
     elif "sample" in schema:
         rkey = pl.concat_str([pl.col("id"), pl.lit(":"), pl.col("sample").cast(pl.String)])
     else:

@@ -98,8 +98,17 @@ class Follower:
             rows = self._step(n, stage, store, rows)
 
     def _step(self, n: int, stage: RowStage, store: StageStore, rows: pl.DataFrame) -> pl.DataFrame:
-        """Compute and commit ``stage`` on the rows its store lacks; return its kept output rows."""
+        """Compute and commit ``stage`` on the rows its store lacks; return its kept output rows.
+        A stage that keeps no store (a SQL ``filter`` / ``map``) is only applied."""
         cols = [c for c in stage.input_columns() if c in rows.columns]
+        if not stage.stores_rows():
+            rows = rows.with_columns(pl.int_range(pl.len()).cast(pl.String).alias(IN_KEY_COL))
+            res = safe_process(stage, rows.select(IN_KEY_COL, *cols)).ok
+            if DROP_COL in res.columns:
+                res = res.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
+            res_cols = [c for c in res.columns if c not in (IN_KEY_COL, IDX_COL)]
+            out = rows.drop([c for c in res_cols if c in rows.columns]).join(res, on=IN_KEY_COL, how="inner", maintain_order="left")
+            return out.drop([c for c in (IN_KEY_COL, IDX_COL) if c in out.columns])
         rows = rows.with_columns(row_keys(rows.select(cols) if cols else pl.DataFrame({"_": [None] * rows.height}),
                                           stage.input_columns()))
         todo = rows.select(IN_KEY_COL, *cols).unique(IN_KEY_COL, keep="first", maintain_order=True)

@@ -6,34 +6,18 @@ Python's ``hash`` or polars' ``hash`` (whose values may change between releases)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 import polars as pl
 import xxhash
 
-KEY_COL = "_key"
-PARENT_COL = "_parent"
-IN_KEY_COL = "_in_key"
-ORDER_COL = "_ord"
+# the column names live in tracepipe.contract, the hashes in tracepipe.hashing; re-exported here
+from tracepipe.contract import IN_KEY_COL, KEY_COL, ORDER_COL, PARENT_COL
+from tracepipe.hashing import canonical_json, fingerprint, hash_text, seed_for
 
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no whitespace: the canonical text that gets hashed."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def hash_text(text: str | bytes, bits: int = 128) -> str:
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    if bits == 64:
-        return xxhash.xxh3_64_hexdigest(data)
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-def fingerprint(obj: Any, length: int = 16) -> str:
-    """Short stable fingerprint of any JSON-able object."""
-    return hash_text(canonical_json(obj))[:length]
+__all__ = [
+    "IN_KEY_COL", "KEY_COL", "ORDER_COL", "PARENT_COL", "canonical_json", "fingerprint", "hash_text", "row_keys", "seed_for",
+]
 
 
 def _canon_column(series: pl.Series) -> pl.Series:
@@ -71,8 +55,3 @@ def row_keys(df: pl.DataFrame, columns: Sequence[str], salt: str = "") -> pl.Ser
         for vals in zip(*lists)
     ]
     return pl.Series(IN_KEY_COL, out, dtype=pl.String)
-
-
-def seed_for(key: str, sample: int = 0, base: int = 0) -> int:
-    """Per-request seed derived from a row key, so reruns reproduce samples exactly."""
-    return xxhash.xxh32_intdigest(f"{key}:{sample}".encode(), seed=base) & 0x7FFFFFFF

@@ -39,10 +39,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracepipe.engines.base import EngineFatalError
-from tracepipe.outputs._writer import write_output
+from tracepipe.contract import DROP_COL, ERROR_COL, IDX_COL, IN_KEY_COL, KEY_COL, ORDER_COL, PARENT_COL
+from tracepipe.errors import EngineFatalError, RunFailed
 from tracepipe.pipeline.executors import Executor, get_executor
-from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, stream_plan
+from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, safe_process, stream_plan
 from tracepipe.pipeline.executors.local import default_workers
 from tracepipe.pipeline.follow import Follower, follower_chain
 from tracepipe.pipeline.frames import (
@@ -56,20 +56,14 @@ from tracepipe.pipeline.frames import (
 )
 from tracepipe.pipeline.hashruns import HashRuns
 from tracepipe.pipeline.keyindex import KeyIndex
-from tracepipe.pipeline.keys import (
-    IN_KEY_COL,
-    KEY_COL,
-    ORDER_COL,
-    PARENT_COL,
-    fingerprint,
-    row_keys,
-)
+from tracepipe.pipeline.keys import fingerprint, row_keys
 from tracepipe.pipeline.stats import RunStats, StageStats
-from tracepipe.pipeline.store import IDX_COL, StageStore, is_local, local_path
+from tracepipe.pipeline.store import StageStore, is_local, local_path
+from tracepipe.publish import publish
 from tracepipe.recipe import Recipe
 from tracepipe.sources import load_sources
 from tracepipe.stages import get_stage
-from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage, SetStage, Stage, StageContext
+from tracepipe.stages.base import RowStage, SetStage, Stage, StageContext
 
 RUNTIME_COLS = (KEY_COL, PARENT_COL)
 #: input rows handled together when joining parts with store results: the store is read once
@@ -85,10 +79,6 @@ RUNNER_VERSION = "2"
 COMMIT_SECONDS = 30.0
 #: seed of the hashes a set stage's append-key index holds
 INDEX_SEED = 0x5E7
-
-
-class RunFailed(RuntimeError):
-    """The run stopped (error rate exceeded, a stage could not start, ...); the message says why."""
 
 
 @dataclass
@@ -281,11 +271,8 @@ class Runner:
                     self._publish_rejects(rejects)
                     self._publish_files(quarantine, "quarantine")
                     stats.seconds = time.perf_counter() - t_run
-                    final = scan_parts(parts) if parts else None
-                    for out_spec in self.recipe.outputs:
-                        if final is None:
-                            continue
-                        stats.outputs.append(write_output(final, out_spec, self.recipe, stats.to_dict(), parts=parts, held=self.cache.held))
+                    # writing and pushing the outputs is the next step, not the runner's (tracepipe.publish)
+                    publish(parts, self.recipe, stats, held=self.cache.held)
                     result.outputs = stats.outputs
                     keep = {p.digest for p in parts} | self.cache.used
                     self.cache.gc(keep)
@@ -375,6 +362,8 @@ class Runner:
             r = self.cache.get(d + "-rej")
             if r is not None:
                 rej.append(r)
+        if todo and not stage.stores_rows():
+            return self._recompute(stage, parts, todo, digests, out, rej, run_dir, tag, st, plan)
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
         if not todo:
             KeyIndex.retain(self.cache, store)
@@ -410,8 +399,8 @@ class Runner:
                 missing = all_keys
             st.keys = all_keys.height
             st.to_compute = missing.height
-            miss = missing[IN_KEY_COL].implode()
-            st.cached += sum(int((~keys[j][IN_KEY_COL].is_in(miss)).sum()) for j in todo)
+            # rows whose key has a committed result (one join over all the parts' keys)
+            st.cached += todo_rows - pl.concat(list(keys.values())).join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height
             if missing.height and not plan:
                 errors = self._compute(stage, store, index, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             if not plan:
@@ -453,6 +442,45 @@ class Runner:
         self.cache.unpin()
         final = [p for p in out if p is not None and p.rows > 0]
         return final, rej, quar_path
+
+    def _recompute(
+        self, stage: RowStage, parts: list[Part], todo: list[int], digests: list[str], out: list[Part | None],
+        rej: list[Part], run_dir: Path, tag: str, st: StageStats, plan: bool,
+    ) -> tuple[list[Part], list[Part], Path | None]:
+        """A stage cheaper than its caching (``stores_rows()`` False: SQL ``filter`` / ``map``) runs over
+        each input part the frame cache does not already hold, in this process, with row numbers
+        for keys: no row keys to hash, no store to read or write."""
+        quar_frames: list[pl.LazyFrame] = []
+        t0 = time.perf_counter()
+        stage.setup()
+        try:
+            for j in todo:
+                part = parts[j]
+                st.to_compute += part.rows
+                keys = pl.int_range(part.rows, eager=True).cast(pl.String).alias(IN_KEY_COL).to_frame()
+                if plan:
+                    continue
+                cols = [c for c in stage.input_columns() if c in frame_schema([part])]
+                batch = pl.concat([keys, self.cache.read(part, cols)], how="horizontal") if cols else keys
+                res = safe_process(stage, batch)
+                st.computed += part.rows
+                kept, dropped, quar = self._join_part(stage, part, keys, res.ok if res.ok.height else None,
+                                                      res.errors, digests[j], plan)
+                out[j] = kept
+                if dropped is not None:
+                    rej.append(dropped)
+                if quar is not None:
+                    quar_frames.append(quar)
+                st.error_keys += res.errors.height
+        finally:
+            stage.teardown()
+            st.compute_seconds = time.perf_counter() - t0
+        quar_path = None
+        if quar_frames:
+            quar_path = run_dir / f"{tag}.quarantine.parquet"
+            pl.concat(quar_frames, how="diagonal_relaxed").with_columns(pl.lit(stage.name).alias("_stage")).sink_parquet(quar_path)
+            st.errors = pq.ParquetFile(quar_path).metadata.num_rows
+        return [p for p in out if p is not None and p.rows > 0], rej, quar_path
 
     def _compute(
         self, stage: RowStage, store: StageStore, index: KeyIndex, parts: list[Part], keys: dict[int, pl.DataFrame],

@@ -35,9 +35,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracepipe.pipeline.keys import IN_KEY_COL
+from tracepipe.contract import IDX_COL, IN_KEY_COL  # IDX_COL: re-exported (defined in tracepipe.contract)
 
-IDX_COL = "_idx"
 #: set-stage decisions kept per stage store (newest first)
 KEEP_DECISIONS = 4
 

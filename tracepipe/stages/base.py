@@ -31,13 +31,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracepipe.pipeline.keys import KEY_COL
+from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL, KEY_COL  # noqa: F401 - DROP_COL, ERROR_COL re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracepipe.engines.base import Engine
-
-DROP_COL = "_drop"
-ERROR_COL = "_error"
 
 
 def ExecField(default: Any = None, **kw: Any) -> Any:  # noqa: N802 - reads like pydantic's Field
@@ -229,6 +226,10 @@ class RowStage(Stage):
         bs = getattr(self.params, "batch_size", None)
         return int(bs) if isinstance(bs, int) and bs > 0 else self.batch_size
 
+    def stores_rows(self) -> bool:
+        """Whether this instance keeps results in the per-row store (default: the class's ``stored``)."""
+        return self.stored
+
     def requests_per_row(self) -> int:
         """Engine requests one input row makes (``generate``: ``n``): sizes the stream."""
         return 1
@@ -303,4 +304,4 @@ class FilterStage(RowStage):
 
     def process(self, batch: pl.DataFrame) -> pl.DataFrame:
         reasons = self.reasons(batch)
-        return pl.DataFrame({"_in_key": batch.get_column("_in_key"), DROP_COL: reasons.cast(pl.String)})
+        return pl.DataFrame({IN_KEY_COL: batch.get_column(IN_KEY_COL), DROP_COL: reasons.cast(pl.String)})

@@ -76,8 +76,9 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 from pydantic import Field, field_validator, model_validator
 
+from tracepipe.contract import IN_KEY_COL
 from tracepipe.engines.base import GenerationRequest, SamplingParams
-from tracepipe.pipeline.keys import IN_KEY_COL, fingerprint, seed_for
+from tracepipe.hashing import fingerprint, seed_for
 from tracepipe.stages import HasVariants, register
 from tracepipe.stages._compress_stats import compression_stats
 from tracepipe.stages._reverify import EngineReverifierLifecycle, Item, is_code

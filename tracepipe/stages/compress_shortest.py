@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import polars as pl
 
-from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
+from tracepipe.contract import DROP_COL, KEY_COL, ORDER_COL
 from tracepipe.stages import register
 from tracepipe.stages._compress_stats import compression_stats
-from tracepipe.stages.base import DROP_COL, SetStage
+from tracepipe.stages.base import SetStage
 from tracepipe.stages.compress import CompressParams
 
 DROP_REASON = "compress: longer than the shortest correct sample"

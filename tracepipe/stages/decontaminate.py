@@ -41,8 +41,9 @@ from tracepipe.benchmarks_data import (
     known_benchmarks,
     load_benchmarks,
 )
+from tracepipe.contract import DROP_COL, IN_KEY_COL
 from tracepipe.stages import register
-from tracepipe.stages.base import DROP_COL, ExecField, RowStage, StageParams
+from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 OUT_COLS = ("contam_benchmark", "contam_id", "contam_method", "contam_score")
 
@@ -141,7 +142,7 @@ class Decontaminate(RowStage):
         """Benchmark embeddings, cached on disk by benchmark content and model fingerprint."""
         if self._bench_vecs is not None:
             return self._bench_vecs
-        from tracepipe.pipeline.keys import fingerprint
+        from tracepipe.hashing import fingerprint
         from tracepipe.text.embedding import encode, model_fingerprint
 
         bench = self._benchmarks()
@@ -205,7 +206,7 @@ class Decontaminate(RowStage):
                     item[r], method[r], score[r] = int(best[r]), "embedding", round(float(best_sim[r]), 4)
         drop = [f"decontaminate:{m}" if (m is not None and p.drop) else None for m in method]
         return pl.DataFrame({
-            "_in_key": batch["_in_key"],
+            IN_KEY_COL: batch[IN_KEY_COL],
             "contam_benchmark": pl.Series([names[i] if i is not None else None for i in item], dtype=pl.String),
             "contam_id": pl.Series([ids[i] if i is not None else None for i in item], dtype=pl.String),
             "contam_method": pl.Series(method, dtype=pl.String),

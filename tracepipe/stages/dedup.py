@@ -45,9 +45,9 @@ import numpy as np
 import polars as pl
 from pydantic import Field, model_validator
 
-from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
+from tracepipe.contract import DROP_COL, KEY_COL, ORDER_COL
 from tracepipe.stages import register
-from tracepipe.stages.base import DROP_COL, SetStage, StageParams
+from tracepipe.stages.base import SetStage, StageParams
 
 DUP_OF = "_dup_of"
 DUP_SCORE = "_dup_score"

@@ -43,7 +43,7 @@ from typing import ClassVar, Literal
 import polars as pl
 from pydantic import Field
 
-from tracepipe.pipeline.keys import KEY_COL
+from tracepipe.contract import KEY_COL
 from tracepipe.stages import register
 from tracepipe.stages._bands import BANDS, UNKNOWN, BandThresholds, band_expr
 from tracepipe.stages.base import SetStage, StageParams

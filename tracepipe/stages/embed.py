@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 from pydantic import Field
 
+from tracepipe.contract import IN_KEY_COL
 from tracepipe.stages import register
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
@@ -90,4 +91,4 @@ class Embed(RowStage):
         vecs = encode(self._model, texts, p.encode_batch_size, p.normalize, p.prompt)
         if p.dtype == "float16":
             vecs = vecs.astype("float16")
-        return pl.DataFrame({"_in_key": batch["_in_key"], p.column: vecs})
+        return pl.DataFrame({IN_KEY_COL: batch[IN_KEY_COL], p.column: vecs})

@@ -13,15 +13,17 @@ from typing import ClassVar
 import polars as pl
 from pydantic import Field, field_validator
 
+from tracepipe.contract import DROP_COL
 from tracepipe.stages import register
 from tracepipe.stages._sql import expr_columns, parse_sql_expr
-from tracepipe.stages.base import DROP_COL, ExecField, FilterStage, StageParams
+from tracepipe.stages.base import ExecField, FilterStage, StageParams
 
 
 class FilterParams(StageParams):
     where: str = Field(..., description="SQL boolean expression over columns (polars sql_expr); rows where it is true are kept")
     reason: str | None = Field(None, description="reason recorded for dropped rows (default: the expression)")
     batch_size: int = ExecField(8192, description="rows per batch")
+    store: bool = ExecField(False, description="keep results per row in the store (default: recomputed over each part, which costs less than storing a SQL expression)")
 
     @field_validator("where")
     @classmethod
@@ -34,6 +36,9 @@ class FilterParams(StageParams):
 class Filter(FilterStage):
     version: ClassVar[str] = "1"
     Params = FilterParams
+
+    def stores_rows(self) -> bool:
+        return self.params.store
 
     def input_columns(self) -> list[str]:
         return expr_columns(self.params.where)

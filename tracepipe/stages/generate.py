@@ -39,10 +39,11 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, field_validator
 
+from tracepipe.contract import DROP_COL, IN_KEY_COL
 from tracepipe.engines.base import Completion, GenerationRequest, SamplingParams
-from tracepipe.pipeline.keys import IN_KEY_COL, seed_for
+from tracepipe.hashing import seed_for
 from tracepipe.stages import register
-from tracepipe.stages.base import DROP_COL, ExecField, RowStage, StageParams
+from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 DEFAULT_USER_TEMPLATES: dict[str, str] = {
     "math": "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",

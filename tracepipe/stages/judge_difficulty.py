@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field, field_validator
 
+from tracepipe.contract import IN_KEY_COL
 from tracepipe.engines.base import GenerationRequest, SamplingParams
-from tracepipe.pipeline.keys import IN_KEY_COL, seed_for
+from tracepipe.hashing import seed_for
 from tracepipe.stages import register
 from tracepipe.stages._bands import EASY, HARD, MEDIUM
 from tracepipe.stages.base import ExecField, RowStage, StageParams

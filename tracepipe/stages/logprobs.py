@@ -64,10 +64,11 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.engines.base import Engine
-from tracepipe.pipeline.keys import IN_KEY_COL
+from tracepipe.errors import RunFailed, TeacherMismatchError  # TeacherMismatchError: re-exported
 from tracepipe.stages import register
-from tracepipe.stages.base import DROP_COL, ERROR_COL, ExecField, RowStage, StageParams
+from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 DEFAULT_ASSISTANT_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{response}"  # = outputs' default
 _TOK_RE = re.compile(r"\|tok:([0-9A-Za-z]+)")
@@ -84,14 +85,8 @@ WHY = (
 )
 
 
-class TeacherMismatchError(ValueError):
-    """The scoring teacher is not the SFT teacher (or the tokenizers differ)."""
-
-
 def _refuse(message: str) -> None:
     """Fail the run with ``message`` before any stage runs (the CLI prints it, exit 1)."""
-    from tracepipe.pipeline.runner import RunFailed
-
     raise RunFailed(message) from TeacherMismatchError(message)
 
 

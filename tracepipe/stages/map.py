@@ -12,6 +12,7 @@ from typing import ClassVar
 import polars as pl
 from pydantic import Field, field_validator
 
+from tracepipe.contract import IN_KEY_COL
 from tracepipe.stages import register
 from tracepipe.stages._sql import expr_columns, parse_sql_expr
 from tracepipe.stages.base import ExecField, RowStage, StageParams
@@ -20,6 +21,7 @@ from tracepipe.stages.base import ExecField, RowStage, StageParams
 class MapParams(StageParams):
     set: dict[str, str] = Field(..., description="column name -> SQL expression (polars sql_expr)")
     batch_size: int = ExecField(8192, description="rows per batch")
+    store: bool = ExecField(False, description="keep results per row in the store (default: recomputed over each part, which costs less than storing a SQL expression)")
 
     @field_validator("set")
     @classmethod
@@ -36,6 +38,9 @@ class Map(RowStage):
     version: ClassVar[str] = "1"
     Params = MapParams
 
+    def stores_rows(self) -> bool:
+        return self.params.store
+
     def input_columns(self) -> list[str]:
         cols: set[str] = set()
         for sql in self.params.set.values():
@@ -47,4 +52,4 @@ class Map(RowStage):
 
     def process(self, batch: pl.DataFrame) -> pl.DataFrame:
         exprs = [parse_sql_expr(sql).alias(name) for name, sql in self.params.set.items()]
-        return batch.select(pl.col("_in_key"), *exprs)
+        return batch.select(pl.col(IN_KEY_COL), *exprs)

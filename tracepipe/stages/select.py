@@ -67,11 +67,11 @@ import polars as pl
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
+from tracepipe.contract import DROP_COL, KEY_COL, ORDER_COL
 from tracepipe.stages import register
 from tracepipe.stages._bands import BAND_ORDER
 from tracepipe.stages._mixture import allocate, targets
-from tracepipe.stages.base import DROP_COL, SetStage, StageParams
+from tracepipe.stages.base import SetStage, StageParams
 
 log = logging.getLogger(__name__)
 Prefer = Literal["shortest", "longest", "random", "first"]

@@ -35,8 +35,9 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field
 
+from tracepipe.contract import IN_KEY_COL
 from tracepipe.engines.base import GenerationRequest, SamplingParams
-from tracepipe.pipeline.keys import IN_KEY_COL, seed_for
+from tracepipe.hashing import seed_for
 from tracepipe.stages import register
 from tracepipe.stages._reverify import EngineReverifierLifecycle, Item
 from tracepipe.stages.base import ExecField, RowStage, StageParams

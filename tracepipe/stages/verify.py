@@ -37,9 +37,9 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from tracepipe.pipeline.keys import IN_KEY_COL
+from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.stages import register
-from tracepipe.stages.base import DROP_COL, ERROR_COL, ExecField, RowStage, StageParams
+from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 
 class _Sub(BaseModel):

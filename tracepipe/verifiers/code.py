@@ -53,16 +53,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tracepipe.errors import IsolationUnavailable
+
 log = logging.getLogger(__name__)
 
 HARNESS_SOURCE = (Path(__file__).parent / "_harness.py").read_text()
 SANDBOX_WORKDIR = "/work"
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.\-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PY_LANGS = {"", "python", "python3", "py", "py3"}
-
-
-class IsolationUnavailable(RuntimeError):
-    """``require_isolation`` is set but bubblewrap cannot run here."""
 
 
 @dataclass

@@ -4,6 +4,13 @@
 ``*_API_KEY``, ``*_TOKEN``, ``*SECRET*``, ``*PASSWORD*``, plus any names passed in, such as a
 recipe's ``push.token_env`` / ``api_key_env``) and token-shaped strings (``hf_...``, ``sk-...``)
 with ``***``.
+
+Where it is applied: a :class:`Scrubber` is made once per boundary where text leaves the process
+and is applied there, to everything that crosses it. :func:`tracepipe.publish.publish` (after a
+run) makes one for the recipe and hands it to the shard writer, which scrubs every text file it
+writes (``recipe.yaml``, ``README.md``, ``summary.json``, ``stats.json``), and to the push, whose
+errors it scrubs; ``tracepipe push`` (:mod:`tracepipe.hub`) and ``tracepipe report`` make their
+own. The dataset card's code (``outputs/_card.py``) only formats: it never sees this module.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 SECRET_NAME = re.compile(r"(TOKEN|API_KEY|APIKEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY)", re.I)
@@ -61,3 +69,35 @@ def scrub_obj(obj: Any, extra_names: Iterable[str] = (), _values: list[str] | No
     if isinstance(obj, (list, tuple)):
         return [scrub_obj(v, _values=vals) for v in obj]
     return obj
+
+
+@dataclass(frozen=True)
+class Scrubber:
+    """The secrets of one recipe, looked up once: ``text(s)`` / ``obj(o)`` mask them.
+
+    ``names``: the recipe's secret environment variable names (see
+    :func:`recipe_secret_env_names`); the values are read from the environment (those names and
+    every secret-looking one) each time, so a variable set after the scrubber was made is still
+    masked. ``extra``: more values to mask (a token read from elsewhere)."""
+
+    names: frozenset[str] = frozenset()
+    extra: tuple[str, ...] = ()
+
+    @classmethod
+    def for_recipe(cls, recipe: Any, extra: Iterable[str] = ()) -> Scrubber:
+        return cls(frozenset(recipe_secret_env_names(recipe)), tuple(v for v in extra if v))
+
+    def with_values(self, *values: str | None) -> Scrubber:
+        """This scrubber, also masking ``values`` (None and empty ones are ignored)."""
+        return Scrubber(self.names, self.extra + tuple(v for v in values if v))
+
+    def values(self) -> list[str]:
+        return sorted({*secret_values(self.names), *self.extra}, key=len, reverse=True)
+
+    def text(self, text: str) -> str:
+        return scrub(text, values=self.values())
+
+    def obj(self, obj: Any) -> Any:
+        return scrub_obj(obj, _values=self.values())
+
+    __call__ = text

@@ -13,7 +13,7 @@ The target is ``generate_verify`` within 1.1x of ``generate``. On this 2-core ma
 and the verifier share the same two cores, so overlap can hide verification only as far as the
 engine leaves a core idle; on a GPU node the model runs on the accelerator. Prints JSON.
 
-    python benchmarks/generate_verify.py [--math 96] [--code 32] [--n 2] [--max-tokens 128]
+    python benchmarks/generate_verify.py [--math 192] [--code 64] [--n 2] [--max-tokens 256] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--math", type=int, default=96)
-    ap.add_argument("--code", type=int, default=32)
+    ap.add_argument("--math", type=int, default=192)
+    ap.add_argument("--code", type=int, default=64)
     ap.add_argument("--n", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32, help="generate's rows per committed part")
     args = ap.parse_args()
 
     import yaml
@@ -57,7 +58,8 @@ def main() -> None:
     engine.ensure_started()
     source = [{"path": str(DATA_DIR / "sources" / "gsm8k_train.jsonl"), "preset": "gsm8k", "limit": args.math},
               {"path": str(DATA_DIR / "benchmarks" / "humaneval.jsonl"), "preset": "humaneval", "limit": args.code}]
-    gen = {"generate": {"engine": "teacher", "n": args.n, "max_tokens": args.max_tokens, "temperature": 0.8}}
+    gen = {"generate": {"engine": "teacher", "n": args.n, "max_tokens": args.max_tokens, "temperature": 0.8,
+                        "batch_size": args.batch_size}}
 
     def run(name: str, stages: list, **options: object) -> dict:
         recipe = {"name": name, "workdir": str(tmp / name), "source": source, "engines": {"teacher": engine_cfg},
@@ -69,9 +71,11 @@ def main() -> None:
         return {"wall_s": round(time.perf_counter() - t, 3),
                 "stages": {s["name"]: {"computed": s["computed"], "seconds": s["seconds"], "followed": s["followed"], "parts_committed": s["parts_committed"]} for s in stats["stages"]}}
 
+    engine.generate([__import__("tracepipe.engines", fromlist=["GenerationRequest"]).GenerationRequest(
+        messages=[{"role": "user", "content": "warm up"}])])
     out = {
         "benchmark": "generate -> verify vs generate alone (tiny vLLM, CPU)",
-        "rows": {"math": args.math, "code": args.code, "n": args.n, "max_tokens": args.max_tokens},
+        "rows": {"math": args.math, "code": args.code, "n": args.n, "max_tokens": args.max_tokens, "batch_size": args.batch_size},
         "cpu_cores": os.cpu_count(),
         "generate": run("gen", [gen]),
         "generate_verify": run("genver", [gen, {"verify": {}}]),

@@ -121,6 +121,10 @@ class Progress:
         if self._p:
             self._p.stop()
 
+    @property
+    def enabled(self) -> bool:
+        return self._p is not None
+
     def task(self, description: str, total: int) -> Any:
         return self._p.add_task(description, total=total, rate="") if self._p else None
 
@@ -579,12 +583,20 @@ class Runner:
         task = prog.task(f"{stage.name}", total)
         t0 = time.perf_counter()
 
+        names = stage.engine_names()
+
         def on_progress(res: BatchResult) -> None:
             st.computed += res.n_in
             if "completion_tokens" in res.ok.columns:
                 st.tokens += int(res.ok["completion_tokens"].fill_null(0).sum())
             dt = max(1e-9, time.perf_counter() - t0)
             rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
+            engine = self.ctx.live(names[0]) if names and prog.enabled else None
+            usage = engine.usage() if engine is not None else {}
+            if usage.get("requests_per_s"):  # what the engine achieves (API engines)
+                rate += f" {usage['requests_per_s']:,.1f} req/s" + (f" window {usage['window']:.0f}" if "window" in usage else "")
+            elif usage.get("mean_running"):  # vLLM: sequences per decode step
+                rate += f" {usage['mean_running']:,.0f} seqs/step"
             prog.advance(task, res.n_in, rate)
 
         follower = self._follower(stage)

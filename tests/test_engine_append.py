@@ -17,7 +17,6 @@ import polars as pl
 import pytest
 
 import tracepipe.outputs._writer as writer
-import tracepipe.pipeline.frames as frames
 import tracepipe.sources as sources
 from tests.fixtures.recipes import GSM8K_TRAIN, read_jsonl, write_jsonl, write_recipe
 from tracepipe.pipeline.keys import KEY_COL, ORDER_COL
@@ -180,8 +179,9 @@ def test_new_rows_that_repeat_old_ones_are_deduplicated_against_them(tmp_path: P
     write_jsonl(src, rows + extra)
     second = _run(recipe)
     assert second["stages"][0]["dropped"] == {"dedup:exact": 41}
-    # keep-first exact dedup decides the appended rows only; the old parts' output is kept as it was
-    assert second["stages"][0]["computed"] == len(extra) and second["stages"][0]["cached"] == len(rows)
+    # exact dedup decides over all rows again (cheap: the prepared hashes of old parts are cached),
+    # and the old parts' output, whose decisions did not change, is reused as it was
+    assert second["stages"][0]["computed"] == len(rows) + len(extra)
     assert second["stages"][0]["parts_reused"] == first["stages"][0]["parts"]
     rej = pl.concat([pl.read_parquet(f) for f in sorted((d / "work" / "rejects").glob("*dedup*.parquet"))], how="diagonal_relaxed")
     assert rej.height == 41
@@ -262,27 +262,6 @@ def test_exact_dedup_groups_on_all_128_bits_when_halves_clash() -> None:
     assert out[DUP_OF].to_list() == [None, None, None, "a"]
 
 
-@pytest.mark.parametrize("start", [0, 1, 50, 199, 200])
-def test_exact_dedup_decides_appended_rows_as_a_full_decision_does(start: int) -> None:
-    """``decide_appended`` returns, for the new rows, exactly what ``decide`` over all rows does
-    (hash groups spanning old and new rows, groups among new rows only, 64-bit clashes)."""
-    stage = get_stage("dedup")(get_stage("dedup").Params(method="exact"), StageContext())
-    assert stage.decides_appends()
-    rng = __import__("numpy").random.default_rng(start)
-    h1 = rng.integers(0, 40, 200).astype("uint64")  # many repeats
-    h2 = (h1 * 3 + rng.integers(0, 2, 200)).astype("uint64")  # some 64-bit halves clash
-    df = pl.DataFrame({
-        KEY_COL: [f"k{i}" for i in range(200)], ORDER_COL: list(range(200)),
-        NORM_HASH[0]: pl.Series(h1, dtype=pl.UInt64), NORM_HASH[1]: pl.Series(h2, dtype=pl.UInt64),
-    })
-    want = stage.decide(df).slice(start)
-    got = stage.decide_appended(df, start)
-    assert got.equals(want)
-    assert want[DROP_COL].null_count() < want.height or start == 200
-    tp = get_stage("dedup")(get_stage("dedup").Params(method="exact", keep="shortest"), StageContext())
-    assert not tp.decides_appends()
-
-
 def test_card_figures_of_an_appending_run_equal_a_fresh_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows and domains on the card are summed from per-part figures kept in output.json: a
     rerun that adds a source of another domain (and an output ``where``) reports what a fresh
@@ -313,7 +292,6 @@ def test_card_figures_of_an_appending_run_equal_a_fresh_runs(tmp_path: Path, mon
         return scan(parts, *a, **kw)
 
     monkeypatch.setattr(writer, "scan_parts", spy)
-    monkeypatch.setattr(frames, "RECENT_BYTES", 0)  # every part read from its file (through the spy)
     _run(recipe(two, d))
     monkeypatch.setattr(writer, "scan_parts", scan)
     info = json.loads((d / "out" / "output.json").read_text())
@@ -331,17 +309,14 @@ def test_card_figures_of_an_appending_run_equal_a_fresh_runs(tmp_path: Path, mon
 
 
 def test_bounded_memory_paths_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Joins in many small groups, missing rows spilled to a scratch file, no part held in memory,
-    no recent part kept: the same rows as the in-memory paths, and an append still computes only
-    its rows."""
+    """Joins in many small groups, missing rows spilled to a scratch file: the same rows as the
+    in-memory paths, and an append still computes only its rows."""
     import tracepipe.pipeline.runner as runner_mod
 
     rows = read_jsonl(GSM8K_TRAIN, limit=3200)
     fresh_stats, fresh_out = _fresh(tmp_path, rows)
     monkeypatch.setattr(runner_mod, "JOIN_GROUP_ROWS", 700)
     monkeypatch.setattr(runner_mod, "TODO_MEMORY_BYTES", 1)
-    monkeypatch.setattr(runner_mod, "HOLD_PARTS_BYTES", 0)
-    monkeypatch.setattr(frames, "RECENT_BYTES", 0)
     d = tmp_path / "small"
     d.mkdir()
     src = write_jsonl(d / "src.jsonl", rows[:3000])
@@ -361,53 +336,3 @@ def test_bounded_memory_paths_give_the_same_rows(tmp_path: Path, monkeypatch: py
     third = _run(recipe)
     assert third["stages"][1]["computed"] == 0 and third["stages"][1]["cached"] == third["stages"][1]["rows_in"]
     assert _rows(d / "out").equals(_rows(fresh_out))
-
-
-def test_appended_rows_are_deduplicated_through_the_index_without_reading_old_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Exact dedup keeps a hash index of its key column: new rows that repeat no old text are
-    decided without reading an old row; with the index gone, all rows are read (and it is
-    rebuilt), with the same result."""
-    import tracepipe.pipeline.runner as runner_mod
-
-    rows = read_jsonl(GSM8K_TRAIN, limit=2000)
-    new = read_jsonl(GSM8K_TRAIN, limit=100, start=6000)
-    new += [{**new[3], "question": new[3]["question"] + " "}]  # one repeat among the new rows only
-    assert not {r["question"] for r in new} & {r["question"] for r in rows}
-    d = tmp_path / "inc"
-    d.mkdir()
-    src = write_jsonl(d / "src.jsonl", rows)
-    recipe = _recipe(d, src)
-    _run(recipe)
-
-    read: list[int] = []
-    real = runner_mod.read_parts
-
-    def spy(parts: list[Any], *a: Any, **kw: Any) -> pl.DataFrame:
-        out = real(parts, *a, **kw)
-        read.append(out.height)
-        return out
-
-    monkeypatch.setattr(runner_mod, "read_parts", spy)
-    _run(recipe)  # a run with nothing new keeps the index (its files survive the cache's gc)
-    write_jsonl(src, rows + new)
-    second = _run(recipe)
-    assert read == [len(new)]  # only the new rows' prepared hashes
-    assert second["stages"][0]["computed"] == len(new) and second["stages"][0]["dropped"] == {"dedup:exact": 1}
-    _, fresh_out = _fresh(tmp_path, rows + new)
-    assert _rows(d / "out").equals(_rows(fresh_out))
-
-    # the index is gone (a workdir from before it, say): every row is read, the result is the same
-    more = read_jsonl(GSM8K_TRAIN, limit=50, start=7000) + [rows[5]]  # this time a repeat of an old row
-    for f in (d / "work" / "frames").glob("set-index-*.npy"):
-        f.unlink()
-    read.clear()
-    write_jsonl(src, rows + new + more)
-    third = _run(recipe)
-    assert read == [len(rows) + len(new) + len(more)]
-    assert third["stages"][0]["dropped"] == {"dedup:exact": 2}  # the earlier repeat and this one
-    _, fresh_out = _fresh(tmp_path / "again", rows + new + more)
-    assert _rows(d / "out").equals(_rows(fresh_out))
-    meta = json.loads(next((d / "work" / "frames").glob("set-last-dedup-*.json")).read_text())
-    assert meta["index"]["runs"] and all((d / "work" / "frames" / f"{n}.npy").exists() for n in meta["index"]["runs"])

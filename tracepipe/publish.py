@@ -14,10 +14,7 @@ push's error message.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
-
-import polars as pl
 
 from tracepipe.errors import RunFailed
 from tracepipe.hub import push_output
@@ -30,14 +27,14 @@ NO_PUSH_ENV = "TRACEPIPE_NO_PUSH"
 
 
 def publish(
-    parts: list[Any], recipe: Any, stats: Any = None, *, held: Callable[[Any], pl.DataFrame | None] | None = None,
+    parts: list[Any], recipe: Any, stats: Any = None,
 ) -> list[dict[str, Any]]:
     """Write (then push) every output of ``recipe`` from the final frame ``parts``; returns what
     each write gave (``write_output``'s dict, with ``push``: the push's lines, when it pushed).
 
     ``stats``: the run's :class:`~tracepipe.pipeline.stats.RunStats` (each output is appended to
     its ``outputs`` as it is written, so an output's ``stats.json`` lists the ones written before
-    it), a plain dict, or None. ``held`` gives a part's rows while they are still in memory.
+    it), a plain dict, or None.
     No final parts (every row dropped, or no source rows): nothing is written.
     """
     if not parts:
@@ -47,7 +44,7 @@ def publish(
     written: list[dict[str, Any]] = []
     for spec in recipe.outputs:
         snapshot = stats.to_dict() if hasattr(stats, "to_dict") else stats
-        info = write_output(final, spec, recipe, snapshot, parts=parts, held=held, scrubber=scrubber)
+        info = write_output(final, spec, recipe, snapshot, parts=parts, scrubber=scrubber)
         if spec.push is not None and not os.environ.get(NO_PUSH_ENV):
             info["push"] = push(recipe, spec, scrubber)
         written.append(info)

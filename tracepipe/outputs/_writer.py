@@ -40,7 +40,6 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +270,7 @@ def _previous(out: Path) -> dict[str, Any]:
 
 
 def part_figures(
-    parts: list[Any], where: Any, prev: dict[str, Any], schema: pl.Schema, held: Callable[[Any], pl.DataFrame | None] | None = None,
+    parts: list[Any], where: Any, prev: dict[str, Any], schema: pl.Schema,
 ) -> dict[str, Any]:
     """The card's whole-output figures that add up over parts: rows (after ``where``) and domains.
 
@@ -285,13 +284,8 @@ def part_figures(
     if todo:
         # under the schema of all final rows, as the shards are written (``where`` may name a
         # column that only some parts have)
-        mem = {p.path: df for p in todo if (df := held(p) if held else None) is not None}
-        rest = [p for p in todo if p.path not in mem]
-        lf = pl.concat(
-            [pl.LazyFrame(schema={**schema, "_file": pl.String}), *(df.lazy().with_columns(pl.lit(str(path)).alias("_file")) for path, df in mem.items()),
-             *([scan_parts(rest, file_column="_file")] if rest else [])],
-            how="diagonal_relaxed",
-        )
+        lf = pl.concat([pl.LazyFrame(schema={**schema, "_file": pl.String}), scan_parts(todo, file_column="_file")],
+                       how="diagonal_relaxed")
         if where:
             from tracepipe.stages._sql import parse_sql_expr
 
@@ -337,14 +331,13 @@ def _append_plan(prev: dict[str, Any], out: Path, layout: str, parts: list[Any],
 
 def write_output(
     final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None = None, parts: list[Any] | None = None,
-    held: Callable[[Any], pl.DataFrame | None] | None = None, scrubber: Scrubber | None = None,
+    scrubber: Scrubber | None = None,
 ) -> dict[str, Any]:
     """Write one ``outputs[i]`` entry; returns what was written (files, rows per split). Never pushes.
 
     ``parts`` (the frame parts ``final`` scans, in order) lets a rerun append: when the last
     write's parts are a prefix of them, its shards are kept byte for byte and only the rows of the
-    new parts are formatted and written, as new shards (see :func:`_append_plan`). ``held`` gives
-    a part's rows when they are still in memory (else None: the part's file is read).
+    new parts are formatted and written, as new shards (see :func:`_append_plan`).
     ``scrubber`` masks secrets in every text file written (default: one made for ``recipe``).
     """
     options = dict(spec.options)
@@ -384,11 +377,7 @@ def write_output(
 
         def part_chunks(ps: list[Any]) -> list[pl.LazyFrame]:
             # each part under the schema of all final rows (formats look at the columns)
-            def rows(p: Any) -> pl.LazyFrame:
-                df = held(p) if held else None
-                return df.lazy() if df is not None else scan_parts([p])
-
-            return [selected(pl.concat([pl.LazyFrame(schema=in_schema), rows(p)], how="diagonal_relaxed")) for p in ps]
+            return [selected(pl.concat([pl.LazyFrame(schema=in_schema), scan_parts([p])], how="diagonal_relaxed")) for p in ps]
 
         if plan is not None:
             kept, new_parts = plan
@@ -405,7 +394,7 @@ def write_output(
             files = _write_data(chunks, spec, options, rejects, tmp, shard_bytes, [], whole=whole)
         splits = list(dict.fromkeys(f["split"] for f in files))
 
-        figures = part_figures(parts, where, prev, in_schema, held) if parts else None
+        figures = part_figures(parts, where, prev, in_schema) if parts else None
         known = None
         if figures is not None:
             per_part = list(figures["parts"].values())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +57,6 @@ def schema_digest(schema: pl.Schema) -> str:
     return digest_of([(n, str(t)) for n, t in schema.items()])
 
 
-#: bytes of recently written parts a frame cache keeps in memory for reading back
-RECENT_BYTES = 8 << 20
-
-
 class FrameCache:
     """``<workdir>/frames/<digest>.parquet`` + ``.json`` sidecars; ``dry`` writes to a temp dir."""
 
@@ -70,40 +65,9 @@ class FrameCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.scratch = scratch  # plan mode: new parts go here and are thrown away
         self.used: set[str] = set()
-        # the parts this run wrote last, in memory (the next stage reads them back at once)
-        self._recent: OrderedDict[Path, pl.DataFrame] = OrderedDict()
-        self._recent_bytes = 0
-        self._pinned: dict[Path, pl.DataFrame] = {}  # parts a stage reads several times (see pin)
-
-    def _remember(self, path: Path, df: pl.DataFrame) -> None:
-        size = df.estimated_size()
-        if size > RECENT_BYTES:
-            return
-        self._recent[path] = df
-        self._recent_bytes += size
-        while self._recent_bytes > RECENT_BYTES:
-            _, old = self._recent.popitem(last=False)
-            self._recent_bytes -= old.estimated_size()
-
-    def pin(self, parts: list[Part]) -> None:
-        """Hold these parts in memory, read once, until :meth:`unpin` (a stage that reads a few
-        parts several times); the caller bounds their size."""
-        self._pinned = {p.path: self.read(p) for p in parts}
-
-    def unpin(self) -> None:
-        self._pinned = {}
-
-    def held(self, part: Part) -> pl.DataFrame | None:
-        """A part's rows if they are in memory (pinned, or written recently by this run), else None."""
-        df = self._pinned.get(part.path)
-        return df if df is not None else self._recent.get(part.path)
 
     def read(self, part: Part, columns: list[str] | None = None) -> pl.DataFrame:
-        """A part's rows: all columns, or those of ``columns`` it has (in that order); from memory
-        when this run wrote the part recently, else from its file."""
-        df = self.held(part)
-        if df is not None:
-            return df if columns is None else df.select([c for c in columns if c in df.columns])
+        """A part's rows: all columns, or those of ``columns`` it has (in that order)."""
         if columns is None:
             return pl.read_parquet(part.path)
         names = pl.read_parquet_schema(part.path)
@@ -138,8 +102,6 @@ class FrameCache:
             data.write_parquet(tmp, compression="lz4", statistics=False)  # scratch: no filter reads stats
             rows = data.height
         os.replace(tmp, path)
-        if isinstance(data, pl.DataFrame):
-            self._remember(path, data)
         m = {**(meta or {}), "rows": rows, "schema": schema_digest(data.collect_schema())}
         side_tmp = d / f".tmp-{uuid.uuid4().hex}.json"
         side_tmp.write_text(json.dumps(m, default=str))

@@ -54,8 +54,6 @@ from tracepipe.pipeline.frames import (
     read_parts,
     scan_parts,
 )
-from tracepipe.pipeline.hashruns import HashRuns
-from tracepipe.pipeline.keyindex import KeyIndex
 from tracepipe.pipeline.keys import fingerprint, row_keys
 from tracepipe.pipeline.stats import RunStats, StageStats
 from tracepipe.pipeline.store import StageStore, is_local, local_path
@@ -72,13 +70,9 @@ JOIN_GROUP_ROWS = 50_000
 JOIN_GROUP_BYTES = 256 << 20
 #: a row stage's missing rows stay in memory up to this size, then spill to a scratch file
 TODO_MEMORY_BYTES = 64 << 20
-#: a row stage whose input parts to work on are this small (on disk) reads each once and holds it
-HOLD_PARTS_BYTES = 8 << 20
 RUNNER_VERSION = "2"
 #: a streamed stage commits what finished at least this often (seconds), however few rows
 COMMIT_SECONDS = 30.0
-#: seed of the hashes a set stage's append-key index holds
-INDEX_SEED = 0x5E7
 
 
 @dataclass
@@ -276,7 +270,7 @@ class Runner:
                     self._publish_files(quarantine, "quarantine")
                     stats.seconds = time.perf_counter() - t_run
                     # writing and pushing the outputs is the next step, not the runner's (tracepipe.publish)
-                    publish(parts, self.recipe, stats, held=self.cache.held)
+                    publish(parts, self.recipe, stats)
                     result.outputs = stats.outputs
                     keep = {p.digest for p in parts} | self.cache.used
                     self.cache.gc(keep)
@@ -369,11 +363,6 @@ class Runner:
         if todo and not stage.stores_rows():
             return self._recompute(stage, parts, todo, digests, out, rej, run_dir, tag, st, plan)
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
-        if not todo:
-            KeyIndex.retain(self.cache, store)
-        # few input parts to work on (a rerun after an append): each is read once, and held
-        if todo and sum(parts[j].path.stat().st_size for j in todo) <= HOLD_PARTS_BYTES:
-            self.cache.pin([parts[j] for j in todo])
         if todo:
             keys = {j: self._keys(stage, parts[j]) for j in todo}
             all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
@@ -382,9 +371,6 @@ class Runner:
             # a batch's results in memory
             group_cap = todo_rows if todo_rows <= stage.rows_per_batch() else \
                 max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
-            # the store is read only for keys its index may hold (after an append: usually none)
-            index = KeyIndex(self.cache, store)
-            maybe = index.candidates(all_keys)
             # few rows to join (a rerun after an append): read the committed results for all of
             # them once, up front; what is missing from them is what to compute
             one_group = todo_rows <= group_cap
@@ -392,23 +378,18 @@ class Runner:
             before: set[str] = set()
             if one_group:
                 before = set(store.parts())
-                lf = store.scan(keys=maybe.lazy()) if maybe.height else None
+                lf = store.scan(keys=all_keys.lazy())
                 found = lf.collect() if lf is not None else None
                 missing = all_keys if found is None else all_keys.join(
                     found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
-            elif maybe.height:
-                committed = maybe.join(store.missing(maybe[IN_KEY_COL]).to_frame(), on=IN_KEY_COL, how="anti")
-                missing = all_keys.join(committed, on=IN_KEY_COL, how="anti", maintain_order="left")
             else:
-                missing = all_keys
+                missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
             st.keys = all_keys.height
             st.to_compute = missing.height
             # rows whose key has a committed result (one join over all the parts' keys)
             st.cached += todo_rows - pl.concat(list(keys.values())).join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height
             if missing.height and not plan:
-                errors = self._compute(stage, store, index, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
-            if not plan:
-                index.save()
+                errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
             st.error_keys = errors.height
             quar_frames: list[pl.LazyFrame] = []
             # join the parts with the results, a group of parts at a time (bounded memory)
@@ -443,7 +424,6 @@ class Runner:
                 st.errors = pq.ParquetFile(quar_path).metadata.num_rows
         else:
             quar_path = None
-        self.cache.unpin()
         final = [p for p in out if p is not None and p.rows > 0]
         return final, rej, quar_path
 
@@ -487,7 +467,7 @@ class Runner:
         return [p for p in out if p is not None and p.rows > 0], rej, quar_path
 
     def _compute(
-        self, stage: RowStage, store: StageStore, index: KeyIndex, parts: list[Part], keys: dict[int, pl.DataFrame],
+        self, stage: RowStage, store: StageStore, parts: list[Part], keys: dict[int, pl.DataFrame],
         missing: pl.DataFrame, run_dir: Path, tag: str, st: StageStats, prog: Progress,
     ) -> pl.DataFrame:
         """Gather the missing rows (columns the stage reads, one row per key) and process them.
@@ -534,9 +514,9 @@ class Runner:
             return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
         self._side = pl.concat(sides, how="diagonal_relaxed") if sides else None
         if writer is None:
-            return self._process(stage, store, index, pa.concat_tables(held), st, prog)
+            return self._process(stage, store, pa.concat_tables(held), st, prog)
         writer.close()
-        errors = self._process(stage, store, index, todo_path, st, prog)
+        errors = self._process(stage, store, todo_path, st, prog)
         todo_path.unlink()
         return errors
 
@@ -559,7 +539,7 @@ class Runner:
         return Follower(self._chain, side.unique(IN_KEY_COL, keep="first"), stage.fanout, workers)
 
     def _process(
-        self, stage: RowStage, store: StageStore, index: KeyIndex, todo: Path | pa.Table, st: StageStats, prog: Progress,
+        self, stage: RowStage, store: StageStore, todo: Path | pa.Table, st: StageStats, prog: Progress,
     ) -> pl.DataFrame:
         """Run the executor over the rows to compute; commit results in completion order."""
         if isinstance(todo, pa.Table):
@@ -602,7 +582,7 @@ class Runner:
         follower = self._follower(stage)
 
         def commit(df: pl.DataFrame) -> None:  # on the driver, in completion order
-            index.add(store.commit(df), df[IN_KEY_COL].unique())
+            store.commit(df)
             if follower is not None:
                 follower.feed(df)
 
@@ -706,24 +686,23 @@ class Runner:
                 st.parts_reused = len(parts)
                 if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
                     self.cache.used.update(self._prep_digest(fp, p) for p in parts)
-                HashRuns.retain(self.cache, last.get("index") or {})  # and the index
                 return reused
-        # rows appended since the last run (its input parts are a prefix of this run's): a stage
-        # whose earlier decisions cannot change keeps their output parts and decides the new rows
-        k, out, rej = self._appended(stage, parts, present, last)
-        st.parts_reused = k
+        out: list[Part] = []
+        rej: list[Part] = []
         # rows stay in part order: part j is rows [bounds[j], bounds[j + 1])
         bounds = np.concatenate([[0], np.cumsum([p.rows for p in parts])]).tolist()
-        df, start, index = self._set_rows(stage, fp, parts, present, st, k, bounds, last)
-        keys = df.select(KEY_COL).slice(start)
-        decision = store.load_decision(digest) if stage.caches_decision() and not k else None
+        df = self._set_read(stage, fp, parts, present, st)
+        if bounds[-1] != df.height:
+            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
+        keys = df.select(KEY_COL)
+        decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
             decision = pl.concat([keys, decision], how="horizontal") if decision.height == keys.height else None
         decided_now = decision is None
         if decision is None:
             st.to_compute = keys.height
             t0 = time.perf_counter()
-            decision = stage.decide_appended(df, start) if k else stage.decide(df)
+            decision = stage.decide(df)
             if DROP_COL not in decision.columns:
                 decision = decision.with_columns(pl.lit(None, dtype=pl.String).alias(DROP_COL))
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
@@ -734,7 +713,7 @@ class Runner:
         # a row per input row, in order: used as it is (and saved without its keys: the input,
         # which the digest covers, has them)
         aligned = decision.height == keys.height and decision[KEY_COL].equals(keys[KEY_COL])
-        if decided_now and not k and not plan and stage.caches_decision():
+        if decided_now and not plan and stage.caches_decision():
             store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
         missing_note = f"{stage.name}: not selected"
         if aligned:
@@ -748,10 +727,9 @@ class Runner:
                 has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
                 full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
-        made: list[str] = list(last["out"][:k]) if k else []
-        for j in range(k, len(parts)):
-            p = parts[j]
-            sub = full.slice(bounds[j] - bounds[k], bounds[j + 1] - bounds[j])  # `full` starts at part k
+        made: list[str] = []
+        for j, p in enumerate(parts):
+            sub = full.slice(bounds[j], bounds[j + 1] - bounds[j])
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             made.append(d)
             cached = self.cache.get(d)
@@ -777,76 +755,18 @@ class Runner:
             if part.rows:
                 out.append(part)
         if not plan:
-            meta: dict[str, Any] = {"input": digest, "out": made, "parts": [p.digest for p in parts], "present": present}
-            if index is not None:
-                meta["index"] = {"col": stage.append_key(), **index.meta()}
-            self.cache.put_meta(last_name, meta)
+            self.cache.put_meta(last_name, {"input": digest, "out": made})
         return out, rej
 
-    def _set_read(self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats,
-                  where: pl.Expr | None = None) -> pl.DataFrame:
+    def _set_read(self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats) -> pl.DataFrame:
         """``_key`` + the columns ``decide`` reads (prepared, if the stage prepares) of these parts,
-        with ``_ord`` (the row's position among them); ``where`` keeps only some rows."""
+        with ``_ord`` (the row's position among them)."""
         if stage.prepares():
             prepared = [self._prepared(stage, fp, p, present, st) for p in parts]
-            return read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)), where, ORDER_COL)
+            return read_parts(prepared, list(pl.read_parquet_schema(prepared[0].path)), None, ORDER_COL)
         frames = [pl.read_parquet(p.path, columns=[KEY_COL, *present]) for p in parts]
         df = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-        df = df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
-        return df.filter(where) if where is not None else df
-
-    def _set_rows(
-        self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats, k: int,
-        bounds: list[int], last: dict[str, Any],
-    ) -> tuple[pl.DataFrame, int, HashRuns | None]:
-        """The rows a set stage decides from, where the rows to decide start among them, and the
-        hash index of the stage's :meth:`~SetStage.append_key` column (None if it has none).
-
-        All rows, unless the first ``k`` parts were decided last run and the stage has an append
-        key whose index is at hand: then the new rows, after only those old rows that share a key
-        value with one of them (found in the index; usually none, and no old part is read)."""
-        col = stage.append_key()
-        prefix = f"set-index-{stage.name}-{fp}"
-        meta = last.get("index") or {}
-        index = HashRuns.from_meta(self.cache, prefix, meta) if k and col is not None and meta.get("col") == col else None
-        if index is not None:
-            new = self._set_read(stage, fp, parts[k:], present, st).with_columns(pl.col(ORDER_COL) + bounds[k])
-            if new.height != bounds[-1] - bounds[k]:
-                raise RunFailed(f"stage {stage.name!r}: read {new.height} new rows from parts that hold {bounds[-1] - bounds[k]}")
-            h = new[col].hash(seed=INDEX_SEED).to_numpy()
-            hit = index.contains(h)
-            if hit.any():  # some old rows share a key value with new ones: read just those
-                values = new[col][np.flatnonzero(hit).tolist()].unique().implode()
-                old = self._set_read(stage, fp, parts[:k], present, st, where=pl.col(col).is_in(values))
-                new = pl.concat([old, new.select(old.columns)])
-                start = old.height
-            else:
-                start = 0
-                if stage.prepares():  # unread, but kept for the next run that decides all rows
-                    self.cache.used.update(self._prep_digest(fp, p) for p in parts[:k])
-            index.add(h)
-            return new, start, index
-        df = self._set_read(stage, fp, parts, present, st)
-        if bounds[-1] != df.height:
-            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
-        if col is not None:
-            index = HashRuns(self.cache, prefix)
-            index.add(df[col].hash(seed=INDEX_SEED).to_numpy())
-            index.compact_if_mostly_new()
-        return df, bounds[k], index
-
-    def _appended(
-        self, stage: SetStage, parts: list[Part], present: list[str], last: dict[str, Any],
-    ) -> tuple[int, list[Part], list[Part]]:
-        """``(k, output parts, reject parts)`` of the first ``k`` input parts when they are exactly
-        the last run's input and the stage decides appends alone; ``(0, [], [])`` otherwise."""
-        old = list(last.get("parts") or [])
-        k = len(old)
-        if not (stage.decides_appends() and 0 < k < len(parts) and last.get("present") == present
-                and len(last.get("out") or []) == k and [p.digest for p in parts[:k]] == old):
-            return 0, [], []
-        reused = self._reuse_set_parts(last)
-        return (k, *reused) if reused is not None else (0, [], [])
+        return df.with_row_index(ORDER_COL).with_columns(pl.col(ORDER_COL).cast(pl.Int64))
 
     def _reuse_set_parts(self, last: dict[str, Any]) -> tuple[list[Part], list[Part]] | None:
         """The output (and reject) parts a set stage made last time, or None if one is gone."""

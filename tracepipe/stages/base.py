@@ -272,26 +272,6 @@ class SetStage(Stage):
     @abstractmethod
     def decide(self, df: pl.DataFrame) -> pl.DataFrame: ...
 
-    def decides_appends(self) -> bool:
-        """Whether rows appended after the input never change the decisions of the rows before
-        them (keep-first exact dedup: an earlier row stays first). The runner then keeps the
-        earlier rows' output as it was and asks :meth:`decide_appended` for the new rows only."""
-        return False
-
-    def append_key(self) -> str | None:
-        """A column (prepared, if the stage prepares) such that an old row can affect a new row's
-        decision only if they share its value (exact dedup: the text hash). The runner then keeps
-        a hash index of it and hands :meth:`decide_appended` only those old rows."""
-        return None
-
-    def decide_appended(self, df: pl.DataFrame, start: int) -> pl.DataFrame:
-        """Decisions for the rows from position ``start`` on (the appended ones) of ``df``, which
-        holds, in input order (``_ord``), the new rows after the old rows that can affect them:
-        every old row, or with :meth:`append_key` only those sharing its value with a new row. The
-        default decides all of ``df`` and keeps the new rows' decisions."""
-        new = df[KEY_COL].slice(start).implode()
-        return self.decide(df).filter(pl.col(KEY_COL).is_in(new))
-
 
 class FilterStage(RowStage):
     """A row stage that only keeps or drops rows (``keep`` returns a reason or None per row)."""

@@ -154,23 +154,6 @@ class Dedup(SetStage):
         """``exact`` decides from the prepared hashes faster than its decision saves and loads."""
         return self.params.method != "exact"
 
-    def decides_appends(self) -> bool:
-        """``exact`` with ``keep: first``: an appended row never displaces an earlier one."""
-        return self.params.method == "exact" and self.params.keep == "first"
-
-    def append_key(self) -> str | None:
-        """``exact`` / ``first``: only an old row with the same text hash can be a new row's first."""
-        return NORM_HASH[0] if self.decides_appends() else None
-
-    def decide_appended(self, df: pl.DataFrame, start: int) -> pl.DataFrame:
-        """``exact`` / ``first``: only the groups of the new rows' hashes are looked at (the rows
-        sharing a 64-bit half with a new row: every group with a new row in it, whole)."""
-        if not self.decides_appends() or not all(c in df.columns for c in NORM_HASH):
-            return super().decide_appended(df, start)
-        df = df.sort(ORDER_COL).with_row_index("_pos")
-        touched = df.filter(pl.col(NORM_HASH[0]).is_in(df[NORM_HASH[0]].slice(start).implode()))
-        return self._exact_first(touched).filter(touched["_pos"] >= start)
-
     def prepare(self, df: pl.DataFrame) -> pl.DataFrame:
         """``exact``: the normalized text's 128-bit hash (two seeded 64-bit halves) instead of the
         text, so the decision reads 16 bytes a row and a rerun hashes only new parts."""

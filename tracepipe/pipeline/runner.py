@@ -621,6 +621,10 @@ class Runner:
             quar = failed.join(errors, on=IN_KEY_COL, how="left").drop(IN_KEY_COL).lazy()
         if res is None:
             joined = df.head(0).with_columns(pl.lit(None, dtype=pl.Int32).alias(IDX_COL), pl.lit(None, dtype=pl.String).alias(DROP_COL))
+        elif res.height == df.height and res[IN_KEY_COL].equals(df[IN_KEY_COL]):
+            # one result per row, in the part's order (a recomputed filter / map): no join needed
+            res_cols = [c for c in res.columns if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]
+            joined = pl.concat([df.drop([c for c in res_cols if c in df.columns]), res.drop(IN_KEY_COL)], how="horizontal")
         else:
             mine = res.join(df.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="semi", maintain_order="left")
             res_cols = [c for c in mine.columns if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]

@@ -263,6 +263,15 @@ def _jsonl_ranges(
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
 
+        def digest_of_range(a: int, b: int) -> str:
+            """The bytes' hash; then their pages leave this process (the file stays in the page
+            cache), so a big file never sits in the run's resident memory."""
+            d = xxhash.xxh3_128_hexdigest(view[a:b])
+            lo = a - a % mmap.PAGESIZE
+            if hasattr(mm, "madvise") and b > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, b - lo)
+            return d
+
         def cut(pos: int) -> Iterator[tuple[int, int, str]]:
             while pos < size:
                 if size - pos <= CHUNK_BYTES:
@@ -272,7 +281,7 @@ def _jsonl_ranges(
                     if at < 0:  # a line longer than a chunk: cut after it
                         at = mm.find(b"\n", pos + CHUNK_BYTES)
                     end = size if at < 0 else at + 1
-                yield pos, end, xxhash.xxh3_128_hexdigest(view[pos:end])
+                yield pos, end, digest_of_range(pos, end)
                 pos = end
 
         try:
@@ -286,7 +295,7 @@ def _jsonl_ranges(
             # their bytes are checked in parallel: a big file's check is bound by memory
             # bandwidth, not one core
             with ThreadPoolExecutor(max(1, min(len(sound), os.cpu_count() or 1))) as pool:
-                digests = pool.map(lambda c: xxhash.xxh3_128_hexdigest(view[c[0]:c[1]]), sound)
+                digests = pool.map(lambda c: digest_of_range(c[0], c[1]), sound)
                 # the common case: the recorded chunks are unchanged, and the rest is cut now
                 rest = list(cut(pos)) if sound else []
                 if ahead is not None:
@@ -735,12 +744,15 @@ def _load_frame(specs: list[Any], base: Path) -> pl.DataFrame:
 def _distinct_keys(parts: list[Part], cache: Any) -> list[Part]:
     """``parts`` with ``~n`` added to the n-th repeat of a ``_key`` (parts that have one rewritten
     and cached; the rest as they are)."""
-    from tracepipe.pipeline.frames import read_parts
 
     if not _keys_repeat(parts, cache):
         return parts
-    keys = read_parts(parts, [KEY_COL])
-    occ = keys.select(pl.int_range(pl.len()).over(KEY_COL).alias("occ"))["occ"]
+    # a key's occurrence number, counted over its 128-bit hash (two seeded 64-bit halves), part by
+    # part: 16 bytes a row in memory instead of every key string at once
+    halves = [cache.read(p, [KEY_COL]).select(pl.col(KEY_COL).hash(seed=0x7A1).alias("h1"),
+                                               pl.col(KEY_COL).hash(seed=0x3C5).alias("h2")) for p in parts]
+    occ = pl.concat(halves).select(pl.int_range(pl.len()).over("h1", "h2").alias("occ"))["occ"]
+    del halves
     bounds = [0]
     for p in parts:
         bounds.append(bounds[-1] + p.rows)

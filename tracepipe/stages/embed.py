@@ -36,7 +36,7 @@ class EmbedParams(StageParams):
     max_seq_length: int | None = Field(None, ge=8, description="truncate inputs to this many tokens (default: the model's)")
     prompt: str | None = Field(None, description="text prepended to every input (e.g. `query: ` for E5 models)")
     batch_size: int = ExecField(512, ge=1, description="rows per store part")
-    encode_batch_size: int = ExecField(64, ge=1, description="texts per forward pass")
+    encode_batch_size: int = ExecField(32, ge=1, description="texts per forward pass (sentence-transformers' default)")
     device: str = ExecField("cpu", description="torch device (cpu, cuda, ...)")
 
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -155,6 +154,47 @@ def _reasons(parts_meta: list[dict[str, Any]]) -> dict[str, int]:
         for r, n in (m.get("dropped") or {}).items():
             out[r] = out.get(r, 0) + int(n)
     return out
+
+
+def _collect(lf: pl.LazyFrame | None) -> pl.DataFrame | None:
+    return lf.collect() if lf is not None else None
+
+
+def _groups(todo: list[int], rows: list[int], cap: int) -> Iterator[list[int]]:
+    """The positions in ``todo``, in order, cut into groups of about ``cap`` rows."""
+    group: list[int] = []
+    n = 0
+    for j in todo:
+        group.append(j)
+        n += rows[j]
+        if n >= cap:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+class _Found:
+    """A row stage's committed results for a few keys, read once before computing; joined later
+    with what this run commits (only the store parts it added are read again)."""
+
+    def __init__(self, store: StageStore, keys: pl.DataFrame) -> None:
+        self.store = store
+        self.before = set(store.parts())
+        self.found = _collect(store.scan(keys=keys.lazy()))
+        self.missing = keys if self.found is None else keys.join(
+            self.found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
+
+    def results(self, missing: pl.DataFrame) -> pl.DataFrame | None:
+        """The results found up front plus this run's commits of the missing keys."""
+        new_parts = [p for p in self.store.parts() if p not in self.before]
+        lf = self.store.scan(keys=missing.lazy(), only=new_parts) if new_parts and missing.height else None
+        got = [f for f in (self.found, _collect(lf)) if f is not None]
+        if not got:
+            return None
+        if len(got) == 1:
+            return got[0]
+        return pl.concat(got, how="diagonal_relaxed").unique(subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True)
 
 
 class Runner:
@@ -342,90 +382,77 @@ class Runner:
         self, stage: RowStage, store: StageStore, fp: str, parts: list[Part], run_dir: Path, tag: str,
         st: StageStats, plan: bool, prog: Progress,
     ) -> tuple[list[Part], list[Part], Path | None]:
+        """Every input part mapped to its output part: from the frame cache, else computed (the
+        rows the store lacks) and joined with the store's results."""
+        digests = [digest_of(RUNNER_VERSION, "row", p.digest, fp) for p in parts]
+        out, rej, todo = self._cached_parts(parts, digests, st)
+        if not todo:
+            return [p for p in out if p is not None and p.rows > 0], rej, None
+        if not stage.stores_rows():
+            return self._recompute(stage, parts, todo, digests, out, rej, run_dir, tag, st, plan)
+        keys = {j: self._keys(stage, parts[j]) for j in todo}
+        all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
+        todo_rows = sum(parts[j].rows for j in todo)
+        # up to one batch of rows joins at once without an estimate: the executor already held
+        # a batch's results in memory
+        group_cap = todo_rows if todo_rows <= stage.rows_per_batch() else \
+            max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
+        # few rows to join (a rerun after an append): the committed results of all of them are
+        # read once, up front; what is missing from them is what to compute
+        found = _Found(store, all_keys) if todo_rows <= group_cap else None
+        missing = found.missing if found is not None else store.missing(all_keys[IN_KEY_COL]).to_frame()
+        st.keys = all_keys.height
+        st.to_compute = missing.height
+        # rows whose key has a committed result (one join over all the parts' keys)
+        st.cached += todo_rows - pl.concat(list(keys.values())).join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height
+        errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
+        if missing.height and not plan:
+            errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+        st.error_keys = errors.height
+        quar: list[pl.LazyFrame] = []
+        # join the parts with the results, a group of parts at a time (bounded memory)
+        for group in _groups(todo, [p.rows for p in parts], group_cap):
+            mine = found.results(missing) if found is not None else _collect(
+                store.scan(keys=pl.concat([keys[j] for j in group]).unique().lazy()))
+            for j in group:
+                kept, dropped, q = self._join_part(stage, parts[j], keys[j], mine, errors, digests[j], plan)
+                out[j] = kept
+                rej += [dropped] if dropped is not None else []
+                quar += [q] if q is not None else []
+        return [p for p in out if p is not None and p.rows > 0], rej, self._quarantine(stage, quar, run_dir, tag, st)
+
+    def _cached_parts(
+        self, parts: list[Part], digests: list[str], st: StageStats,
+    ) -> tuple[list[Part | None], list[Part], list[int]]:
+        """Output parts the frame cache holds (None where it does not), their rejects, and the
+        positions of the parts still to work on."""
         out: list[Part | None] = []
         rej: list[Part] = []
         todo: list[int] = []
-        digests = [digest_of(RUNNER_VERSION, "row", p.digest, fp) for p in parts]
         st.parts = len(parts)
         for j, (p, d) in enumerate(zip(parts, digests)):
             st.rows_in += p.rows
             cached = self.cache.get(d)
+            out.append(cached)
             if cached is None:
                 todo.append(j)
-                out.append(None)
                 continue
-            out.append(cached)
             st.cached += p.rows
             st.parts_reused += 1
             r = self.cache.get(d + "-rej")
             if r is not None:
                 rej.append(r)
-        if todo and not stage.stores_rows():
-            return self._recompute(stage, parts, todo, digests, out, rej, run_dir, tag, st, plan)
-        errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
-        if todo:
-            keys = {j: self._keys(stage, parts[j]) for j in todo}
-            all_keys = pl.concat(list(keys.values())).unique(maintain_order=True)
-            todo_rows = sum(parts[j].rows for j in todo)
-            # up to one batch of rows joins at once without an estimate: the executor already held
-            # a batch's results in memory
-            group_cap = todo_rows if todo_rows <= stage.rows_per_batch() else \
-                max(1, min(JOIN_GROUP_ROWS, int(JOIN_GROUP_BYTES / max(1.0, 4 * store.bytes_per_row()))))
-            # few rows to join (a rerun after an append): read the committed results for all of
-            # them once, up front; what is missing from them is what to compute
-            one_group = todo_rows <= group_cap
-            found: pl.DataFrame | None = None
-            before: set[str] = set()
-            if one_group:
-                before = set(store.parts())
-                lf = store.scan(keys=all_keys.lazy())
-                found = lf.collect() if lf is not None else None
-                missing = all_keys if found is None else all_keys.join(
-                    found.select(IN_KEY_COL).unique(), on=IN_KEY_COL, how="anti", maintain_order="left")
-            else:
-                missing = store.missing(all_keys[IN_KEY_COL]).to_frame()
-            st.keys = all_keys.height
-            st.to_compute = missing.height
-            # rows whose key has a committed result (one join over all the parts' keys)
-            st.cached += todo_rows - pl.concat(list(keys.values())).join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height
-            if missing.height and not plan:
-                errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
-            st.error_keys = errors.height
-            quar_frames: list[pl.LazyFrame] = []
-            # join the parts with the results, a group of parts at a time (bounded memory)
-            group: list[int] = []
-            rows = 0
-            for n, j in enumerate(todo):
-                group.append(j)
-                rows += parts[j].rows
-                if rows < group_cap and n < len(todo) - 1:
-                    continue
-                if one_group:  # the results found up front + this run's commits
-                    new_parts = [p for p in store.parts() if p not in before]
-                    lf = store.scan(keys=missing.lazy(), only=new_parts) if new_parts and missing.height else None
-                    got = [f for f in (found, lf.collect() if lf is not None else None) if f is not None]
-                    mine = got[0] if len(got) == 1 else pl.concat(got, how="diagonal_relaxed").unique(
-                        subset=[IN_KEY_COL, IDX_COL], keep="first", maintain_order=True) if got else None
-                else:  # the store's results for this group's keys, read once (not once per part)
-                    lf = store.scan(keys=pl.concat([keys[jj] for jj in group]).unique().lazy())
-                    mine = lf.collect() if lf is not None else None
-                for jj in group:
-                    kept, dropped, quar = self._join_part(stage, parts[jj], keys[jj], mine, errors, digests[jj], plan)
-                    out[jj] = kept
-                    if dropped is not None:
-                        rej.append(dropped)
-                    if quar is not None:
-                        quar_frames.append(quar)
-                group, rows = [], 0
-            quar_path = None
-            if quar_frames:
-                quar_path = run_dir / f"{tag}.quarantine.parquet"
-                pl.concat(quar_frames, how="diagonal_relaxed").with_columns(pl.lit(stage.name).alias("_stage")).sink_parquet(quar_path)
-                st.errors = pq.ParquetFile(quar_path).metadata.num_rows
-        else:
-            quar_path = None
-        final = [p for p in out if p is not None and p.rows > 0]
-        return final, rej, quar_path
+        return out, rej, todo
+
+    @staticmethod
+    def _quarantine(stage: RowStage, frames: list[pl.LazyFrame], run_dir: Path, tag: str, st: StageStats) -> Path | None:
+        """This run's failed rows of a stage, in one scratch file (published at the end)."""
+        if not frames:
+            return None
+        path = run_dir / f"{tag}.quarantine.parquet"
+        pl.concat(frames, how="diagonal_relaxed").with_columns(pl.lit(stage.name).alias("_stage")).sink_parquet(path)
+        st.errors = pq.ParquetFile(path).metadata.num_rows
+        return path
 
     def _recompute(
         self, stage: RowStage, parts: list[Part], todo: list[int], digests: list[str], out: list[Part | None],
@@ -459,12 +486,7 @@ class Runner:
         finally:
             stage.teardown()
             st.compute_seconds = time.perf_counter() - t0
-        quar_path = None
-        if quar_frames:
-            quar_path = run_dir / f"{tag}.quarantine.parquet"
-            pl.concat(quar_frames, how="diagonal_relaxed").with_columns(pl.lit(stage.name).alias("_stage")).sink_parquet(quar_path)
-            st.errors = pq.ParquetFile(quar_path).metadata.num_rows
-        return [p for p in out if p is not None and p.rows > 0], rej, quar_path
+        return [p for p in out if p is not None and p.rows > 0], rej, self._quarantine(stage, quar_frames, run_dir, tag, st)
 
     def _compute(
         self, stage: RowStage, store: StageStore, parts: list[Part], keys: dict[int, pl.DataFrame],
@@ -672,11 +694,12 @@ class Runner:
     def _set_stage(
         self, stage: SetStage, store: StageStore, fp: str, parts: list[Part], st: StageStats, plan: bool,
     ) -> tuple[list[Part], list[Part]]:
+        """Decide over all input rows (or reuse last run's output for the same input), then write
+        each part's kept rows and rejects; parts whose decisions did not change are reused."""
         if not parts:
             return [], []
         st.parts = len(parts)
-        schema = frame_schema(parts)
-        present = [c for c in stage.input_columns() if c in schema]
+        present = [c for c in stage.input_columns() if c in frame_schema(parts)]
         st.rows_in = st.keys = sum(p.rows for p in parts)
         # the input is fixed by the parts it is read from (content-addressed) and the columns read
         digest = digest_of(RUNNER_VERSION, "set-input", [p.digest for p in parts], present, stage.prepares(), fp)
@@ -691,13 +714,21 @@ class Runner:
                 if stage.prepares():  # keep the prepared parts for the next run (gc drops what is unused)
                     self.cache.used.update(self._prep_digest(fp, p) for p in parts)
                 return reused
-        out: list[Part] = []
-        rej: list[Part] = []
-        # rows stay in part order: part j is rows [bounds[j], bounds[j + 1])
-        bounds = np.concatenate([[0], np.cumsum([p.rows for p in parts])]).tolist()
+        full, adds = self._decide(stage, store, fp, parts, present, digest, st, plan)
+        out, rej, made = self._set_parts(stage, fp, parts, full, adds, st)
+        if not plan:
+            self.cache.put_meta(last_name, {"input": digest, "out": made})
+        return out, rej
+
+    def _decide(
+        self, stage: SetStage, store: StageStore, fp: str, parts: list[Part], present: list[str], digest: str,
+        st: StageStats, plan: bool,
+    ) -> tuple[pl.DataFrame, list[str]]:
+        """One decision row per input row, in input order (``_key``, ``_drop``, added columns),
+        and the names of the added columns; decisions worth storing are kept by input digest."""
         df = self._set_read(stage, fp, parts, present, st)
-        if bounds[-1] != df.height:
-            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {bounds[-1]}")
+        if st.rows_in != df.height:
+            raise RunFailed(f"stage {stage.name!r}: read {df.height} rows from parts that hold {st.rows_in}")
         keys = df.select(KEY_COL)
         decision = store.load_decision(digest) if stage.caches_decision() else None
         if decision is not None and KEY_COL not in decision.columns:  # saved aligned with the input rows
@@ -712,41 +743,47 @@ class Runner:
             decision = decision.with_columns(pl.col(DROP_COL).cast(pl.String))
             st.compute_seconds = time.perf_counter() - t0
             st.computed = 0 if plan else keys.height
-        st.cached = bounds[-1] - (keys.height if decided_now else 0)  # rows whose decision was not made now
+        st.cached = 0 if decided_now else keys.height  # rows whose decision was not made now
         del df
         # a row per input row, in order: used as it is (and saved without its keys: the input,
         # which the digest covers, has them)
         aligned = decision.height == keys.height and decision[KEY_COL].equals(keys[KEY_COL])
         if decided_now and not plan and stage.caches_decision():
             store.save_decision(digest, decision.drop(KEY_COL) if aligned else decision)
-        missing_note = f"{stage.name}: not selected"
-        if aligned:
-            full = decision
-        else:
-            full = keys.join(decision, on=KEY_COL, how="left", maintain_order="left")
-            if full.height != keys.height:
-                raise RunFailed(f"stage {stage.name!r}: decide() returned a key more than once")
-            decided = keys.join(decision.select(KEY_COL), on=KEY_COL, how="semi")
-            if decided.height < keys.height:
-                has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
-                full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(pl.lit(missing_note)).alias(DROP_COL))
         adds = [c for c in decision.columns if c not in (KEY_COL, DROP_COL)]
+        if aligned:
+            return decision, adds
+        full = keys.join(decision, on=KEY_COL, how="left", maintain_order="left")
+        if full.height != keys.height:
+            raise RunFailed(f"stage {stage.name!r}: decide() returned a key more than once")
+        if keys.join(decision.select(KEY_COL), on=KEY_COL, how="semi").height < keys.height:
+            has = pl.col(KEY_COL).is_in(decision[KEY_COL].implode())
+            note = pl.lit(f"{stage.name}: not selected")
+            full = full.with_columns(pl.when(has).then(pl.col(DROP_COL)).otherwise(note).alias(DROP_COL))
+        return full, adds
+
+    def _set_parts(
+        self, stage: SetStage, fp: str, parts: list[Part], full: pl.DataFrame, adds: list[str], st: StageStats,
+    ) -> tuple[list[Part], list[Part], list[str]]:
+        """Each part's kept rows and rejects under ``full`` (its rows' decisions, in order):
+        output parts, reject parts, and the digests of the output parts (for the next run)."""
+        out: list[Part] = []
+        rej: list[Part] = []
         made: list[str] = []
-        for j, p in enumerate(parts):
-            sub = full.slice(bounds[j], bounds[j + 1] - bounds[j])
+        start = 0
+        for p in parts:
+            sub = full.slice(start, p.rows)
+            start += p.rows
             d = digest_of(RUNNER_VERSION, "set", p.digest, fp, frame_digest(sub))
             made.append(d)
             cached = self.cache.get(d)
             if cached is not None:
                 st.parts_reused += 1
-                if cached.rows:
-                    out.append(cached)
+                out += [cached] if cached.rows else []
                 r = self.cache.get(d + "-rej")
-                if r is not None:
-                    rej.append(r)
+                rej += [r] if r is not None else []
                 continue
             pdf = self.cache.read(p)
-            # `sub` is the part's rows' decisions in row order (`full` follows the input's rows)
             if not sub[KEY_COL].equals(pdf[KEY_COL]):  # pragma: no cover - a broken invariant
                 raise RunFailed(f"stage {stage.name!r}: its decisions do not follow the rows of part {p.digest}")
             joined = pl.concat([pdf.drop([c for c in adds if c in pdf.columns]), sub.drop(KEY_COL)], how="horizontal")
@@ -756,11 +793,8 @@ class Runner:
             if dropped.height:
                 rej.append(self.cache.put(d + "-rej", dropped, {"dropped": drops}))
             part = self.cache.put(d, kept.select(_data_then_runtime(kept.schema)), {"dropped": drops})
-            if part.rows:
-                out.append(part)
-        if not plan:
-            self.cache.put_meta(last_name, {"input": digest, "out": made})
-        return out, rej
+            out += [part] if part.rows else []
+        return out, rej, made
 
     def _set_read(self, stage: SetStage, fp: str, parts: list[Part], present: list[str], st: StageStats) -> pl.DataFrame:
         """``_key`` + the columns ``decide`` reads (prepared, if the stage prepares) of these parts,

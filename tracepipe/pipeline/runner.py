@@ -270,40 +270,7 @@ class Runner:
                 quarantine: list[tuple[str, Path]] = []
                 if src.bad.height:
                     quarantine.append(("000-source", self._bad_lines(src.bad, src.rows_read, run_dir, stats, plan)))
-                pending = False
-                last_use = {name: i for i, (stage, _, _) in enumerate(stages) for name in stage.engine_names()}
-                with Progress(self.progress and not plan, self.console) as prog:
-                    for i, (stage, store, fp) in enumerate(stages):
-                        st = StageStats(index=i, name=stage.name, kind=stage.kind, fingerprint=fp, upstream_pending=pending)
-                        stats.stages.append(st)
-                        t_stage = time.perf_counter()
-                        tag = f"{i + 1:03d}-{stage.name}"
-                        quar: Path | None = None
-                        if isinstance(stage, RowStage):
-                            rest = [(s2, store2) for s2, store2, _ in stages[i + 1:]]
-                            follow = not plan and self.ctx.options.get("follow", True)
-                            self._chain = follower_chain(rest) if follow else []  # type: ignore[arg-type]
-                            try:
-                                parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
-                            except EngineFatalError as e:
-                                raise RunFailed(f"stages[{i}].{stage.name}: {e} (stopped at once; "
-                                                f"{st.computed} rows done and committed are kept)") from None
-                            if quar is not None:
-                                quarantine.append((tag, quar))
-                        elif isinstance(stage, SetStage):
-                            parts, rej = self._set_stage(stage, store, fp, parts, st, plan)
-                        else:  # pragma: no cover
-                            raise RunFailed(f"stage {stage.name!r} is neither a row nor a set stage")
-                        rejects.append((tag, rej))
-                        st.rows_out = sum(p.rows for p in parts)
-                        st.dropped = _reasons([p.meta for p in rej])
-                        if parts and type(stage).summarize is not Stage.summarize:
-                            st.extra.update(stage.summarize(scan_parts(parts)))
-                        st.seconds = time.perf_counter() - t_stage
-                        pending = pending or st.to_compute > 0
-                        self._release_engines(stage, i, last_use, st)
-                        if not plan:
-                            self._check_errors(stage, st, quar)
+                parts = self._walk(stages, parts, run_dir, stats, rejects, quarantine, plan)
                 result.final_parts = parts
                 if not plan:
                     self._publish_rejects(rejects)
@@ -327,6 +294,46 @@ class Runner:
                 self.executor.close()
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
+
+    def _walk(
+        self, stages: list[tuple[Stage, StageStore, str]], parts: list[Part], run_dir: Path, stats: RunStats,
+        rejects: list[tuple[str, list[Part]]], quarantine: list[tuple[str, Path]], plan: bool,
+    ) -> list[Part]:
+        """Every stage in order over the parts; returns the final parts. Rejects and quarantined
+        rows are collected for publishing; engines are released after their last stage."""
+        pending = False
+        last_use = {name: i for i, (stage, _, _) in enumerate(stages) for name in stage.engine_names()}
+        with Progress(self.progress and not plan, self.console) as prog:
+            for i, (stage, store, fp) in enumerate(stages):
+                st = StageStats(index=i, name=stage.name, kind=stage.kind, fingerprint=fp, upstream_pending=pending)
+                stats.stages.append(st)
+                t_stage = time.perf_counter()
+                tag = f"{i + 1:03d}-{stage.name}"
+                quar: Path | None = None
+                if isinstance(stage, RowStage):
+                    follow = not plan and self.ctx.options.get("follow", True)
+                    self._chain = follower_chain([(s, st_) for s, st_, _ in stages[i + 1:]]) if follow else []  # type: ignore[arg-type]
+                    try:
+                        parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
+                    except EngineFatalError as e:
+                        raise RunFailed(f"stages[{i}].{stage.name}: {e} (stopped at once; "
+                                        f"{st.computed} rows done and committed are kept)") from None
+                    quarantine += [(tag, quar)] if quar is not None else []
+                elif isinstance(stage, SetStage):
+                    parts, rej = self._set_stage(stage, store, fp, parts, st, plan)
+                else:  # pragma: no cover
+                    raise RunFailed(f"stage {stage.name!r} is neither a row nor a set stage")
+                rejects.append((tag, rej))
+                st.rows_out = sum(p.rows for p in parts)
+                st.dropped = _reasons([p.meta for p in rej])
+                if parts and type(stage).summarize is not Stage.summarize:
+                    st.extra.update(stage.summarize(scan_parts(parts)))
+                st.seconds = time.perf_counter() - t_stage
+                pending = pending or st.to_compute > 0
+                self._release_engines(stage, i, last_use, st)
+                if not plan:
+                    self._check_errors(stage, st, quar)
+        return parts
 
     def _bad_lines(self, bad: pl.DataFrame, rows_read: int, run_dir: Path, stats: RunStats, plan: bool) -> Path:
         """Quarantine the source lines that could not be read (file, line, reason); stop the run

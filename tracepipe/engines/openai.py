@@ -645,6 +645,7 @@ class OpenAIEngine(Engine):
         self._tpm: _TokenBucket | None = None
         self._fatal: OpenAIFatalError | None = None
         self._fatal_event: asyncio.Event | None = None
+        self._posts: set[asyncio.Future[Any]] = set()  # POSTs in flight (cancelled on a fatal error)
         self._pause_until = 0.0  # time.monotonic() before which no request is sent (Retry-After)
         self._last_ok = 0.0
         self._tok: Any = None
@@ -672,6 +673,8 @@ class OpenAIEngine(Engine):
         for k in ("_start_lock", "_stats_lock"):
             state.pop(k, None)
         state["_started"] = False
+        state["_posts"] = set()
+        state["on_start"] = None  # the run's hook: never crosses a process boundary
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1058,6 +1061,8 @@ class OpenAIEngine(Engine):
                 self._fatal_event.set()
             if self._window is not None:
                 self._window.fail(exc)
+            for post in list(self._posts):  # the requests in flight end now, with this error
+                post.cancel()
         return self._fatal
 
     def _fatal_for(self, code: int, detail: str, where: str, secret: _Secret | None = None) -> OpenAIFatalError:
@@ -1120,24 +1125,21 @@ class OpenAIEngine(Engine):
 
     async def _send(self, url: str, body: dict[str, Any]) -> Any:
         """POST ``body``; raises :class:`asyncio.TimeoutError` after ``timeout_s`` and the fatal
-        error as soon as another request hits one."""
-        assert self._client is not None and self._fatal_event is not None
+        error as soon as another request hits one (:meth:`_set_fatal` cancels every POST in
+        flight: one task a request, no second waiter per request)."""
+        assert self._client is not None
         post = asyncio.ensure_future(self._client.post(url, json=body))
-        stop = asyncio.ensure_future(self._fatal_event.wait())
+        self._posts.add(post)
         self._sent()
         try:
-            done, _ = await asyncio.wait(
-                (post, stop), timeout=self.config.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            return await asyncio.wait_for(post, self.config.timeout_s)
+        except asyncio.CancelledError:
+            if self._fatal is not None:  # cancelled by _set_fatal, not by our caller
+                raise self._fatal from None
+            raise
         finally:
-            stop.cancel()
-            if not post.done():
-                post.cancel()
+            self._posts.discard(post)
             self._answered()
-        if post in done:
-            return post.result()
-        self._check_fatal()
-        raise asyncio.TimeoutError
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST a chat completion: window slot, Retry-After pause, rpm / tpm tokens, then the

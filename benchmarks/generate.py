@@ -8,6 +8,9 @@ Output lengths (``--lengths``):
 - ``eos`` (default): the tiny model's own end-of-sequence decides, so completions run from a few
   tokens to ``max_tokens`` (a spread like real traces; a batch-synchronous stage drains at the
   end of every batch while its last sequences finish);
+- ``longtail``: the same, with a logit bias on the end-of-sequence token (``--eos-bias``, both
+  sides), so most completions stop early and a few run long: the shape of reasoning traces,
+  where a batch's last sequences keep a synchronous stage waiting;
 - ``fixed``: ``ignore_eos`` + ``max_tokens``, every completion the same length (hides drains).
 
 Sides, repeated ``--repeats`` times alternately (best wall of each reported):
@@ -49,7 +52,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--lengths", choices=["eos", "fixed"], default="eos")
+    ap.add_argument("--lengths", choices=["eos", "longtail", "fixed"], default="eos")
+    ap.add_argument("--eos-bias", type=float, default=3.0, help="longtail: logit bias on the end-of-sequence token")
     ap.add_argument("--batch-size", type=int, default=256, help="prompts per call of the batched raw side")
     args = ap.parse_args()
 
@@ -66,9 +70,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tp-bench-gen-"))
     model_dir = build_tiny_model(tmp / "model")
     fixed = args.lengths == "fixed"
+    from transformers import AutoTokenizer
+
+    eos_id = AutoTokenizer.from_pretrained(str(model_dir)).eos_token_id
+    bias = {"logit_bias": {int(eos_id): args.eos_bias}} if args.lengths == "longtail" else {}
     engine_cfg = {
         "kind": "vllm", "model": str(model_dir), "dtype": "float32", "max_model_len": 1024,
-        "enforce_eager": True, "sampling_args": {"ignore_eos": True} if fixed else {},
+        "enforce_eager": True, "sampling_args": {"ignore_eos": True} if fixed else bias,
     }
     gen = {"engine": "teacher", "n": 1, "temperature": 0.8, "top_p": 0.95, "max_tokens": args.max_tokens, "seed": 11}
     source = {"path": str(GSM8K), "preset": "gsm8k", "limit": args.prompts}
@@ -96,7 +104,7 @@ def main() -> None:
         _, ids = engine.render(stage.messages(r["problem"], r["domain"]))
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         params.append(SamplingParams(n=1, temperature=0.8, top_p=0.95, max_tokens=args.max_tokens,
-                                     seed=seed_for(r["_in_key"], 0, 11), ignore_eos=fixed))
+                                     seed=seed_for(r["_in_key"], 0, 11), ignore_eos=fixed, **bias))
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
 
     # count running sequences after every step of the raw calls (the driver counts the stage's)

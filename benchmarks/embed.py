@@ -9,7 +9,8 @@ Data: the first ``--rows`` GSM8K train problems plus ``--reworded`` lightly rewo
 - ``tracepipe``: ``Runner(recipe).run()`` with one ``embed`` stage on a fresh workdir: the stage's
   ``compute_seconds`` (model load, length-sorted dispatch, encode, commits) and the whole run.
 
-Sides alternate for ``--repeats`` rounds; the best of each is reported. Prints JSON.
+Sides alternate for ``--repeats`` rounds; the best of each is reported, and the ratio of the
+medians. Prints JSON.
 
     python benchmarks/embed.py [--rows 2000] [--reworded 200] [--repeats 3]
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -88,6 +90,9 @@ def main() -> None:
                       "runs": [[round(a, 3), round(b, 3)] for a, b in stage_runs]},
         "stage_over_raw_load_plus_encode": round(s_compute / r_total, 3),
         "stage_over_raw_encode_only": round(s_compute / r_encode, 3),
+        # this VM's speed drifts between runs: medians of the alternating runs, beside the bests
+        "median_stage_over_median_raw": round(statistics.median(x[1] for x in stage_runs)
+                                              / statistics.median(x[0] for x in raw_runs), 3),
     }, indent=2))
 
 

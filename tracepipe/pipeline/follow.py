@@ -15,16 +15,14 @@ pass, which retries and quarantines them. If it stops early, the stage computes 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import queue
 import threading
 from concurrent.futures import Executor as FuturesExecutor
-from concurrent.futures import ProcessPoolExecutor
 
 import polars as pl
 
 from tracepipe.pipeline.executors.base import BatchResult, safe_process
-from tracepipe.pipeline.executors.local import _init_worker, _work
+from tracepipe.pipeline.executors.local import cpu_pool, work
 from tracepipe.pipeline.keys import IN_KEY_COL, row_keys
 from tracepipe.pipeline.store import IDX_COL, StageStore
 from tracepipe.stages.base import DROP_COL, RowStage
@@ -42,13 +40,22 @@ def follower_chain(stages: list[tuple[RowStage, StageStore]]) -> list[tuple[RowS
     return chain
 
 
+def _attach(rows: pl.DataFrame, res: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (with ``_in_key``) joined with a stage's kept results for them (``_in_key``,
+    ``_idx``, its columns, ``_drop``): the rows the next stage sees, without runtime columns."""
+    if DROP_COL in res.columns:
+        res = res.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
+    res_cols = [c for c in res.columns if c not in (IN_KEY_COL, IDX_COL)]
+    out = rows.drop([c for c in res_cols if c in rows.columns]).join(res, on=IN_KEY_COL, how="inner", maintain_order="left")
+    return out.drop([c for c in (IN_KEY_COL, IDX_COL) if c in out.columns])
+
+
 class Follower:
     """Runs ``chain`` on the rows a model stage commits, in a background thread."""
 
-    def __init__(self, chain: list[tuple[RowStage, StageStore]], side: pl.DataFrame, fanout: bool, workers: int) -> None:
+    def __init__(self, chain: list[tuple[RowStage, StageStore]], side: pl.DataFrame, workers: int) -> None:
         self.chain = chain
         self.side = side  # the model stage's input rows: `_in_key` + the columns the chain reads
-        self.fanout = fanout
         self.rows = 0  # rows the chain's first stage got
         self._q: queue.Queue[pl.DataFrame | None] = queue.Queue()
         self._pools: dict[int, FuturesExecutor] = {}
@@ -86,10 +93,7 @@ class Follower:
                 self._failed = e
 
     def _follow(self, committed: pl.DataFrame) -> None:
-        kept = committed.filter(pl.col(DROP_COL).is_null()) if DROP_COL in committed.columns else committed
-        res_cols = [c for c in kept.columns if c not in (IN_KEY_COL, IDX_COL, DROP_COL)]
-        rows = kept.join(self.side.drop([c for c in res_cols if c in self.side.columns]), on=IN_KEY_COL, how="inner")
-        rows = rows.drop([c for c in (IN_KEY_COL, IDX_COL, DROP_COL) if c in rows.columns])
+        rows = _attach(self.side, committed)
         for n, (stage, store) in enumerate(self.chain):
             if not rows.height:
                 return
@@ -103,12 +107,7 @@ class Follower:
         cols = [c for c in stage.input_columns() if c in rows.columns]
         if not stage.stores_rows():
             rows = rows.with_columns(pl.int_range(pl.len()).cast(pl.String).alias(IN_KEY_COL))
-            res = safe_process(stage, rows.select(IN_KEY_COL, *cols)).ok
-            if DROP_COL in res.columns:
-                res = res.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
-            res_cols = [c for c in res.columns if c not in (IN_KEY_COL, IDX_COL)]
-            out = rows.drop([c for c in res_cols if c in rows.columns]).join(res, on=IN_KEY_COL, how="inner", maintain_order="left")
-            return out.drop([c for c in (IN_KEY_COL, IDX_COL) if c in out.columns])
+            return _attach(rows, safe_process(stage, rows.select(IN_KEY_COL, *cols)).ok)
         rows = rows.with_columns(row_keys(rows.select(cols) if cols else pl.DataFrame({"_": [None] * rows.height}),
                                           stage.input_columns()))
         todo = rows.select(IN_KEY_COL, *cols).unique(IN_KEY_COL, keep="first", maintain_order=True)
@@ -119,12 +118,7 @@ class Follower:
         if n == len(self.chain) - 1:
             return rows
         found = store.scan(keys=rows.select(IN_KEY_COL).unique().lazy())
-        res = found.collect() if found is not None else pl.DataFrame(schema={IN_KEY_COL: pl.String})
-        if DROP_COL in res.columns:
-            res = res.filter(pl.col(DROP_COL).is_null()).drop(DROP_COL)
-        res_cols = [c for c in res.columns if c not in (IN_KEY_COL, IDX_COL)]
-        out = rows.drop([c for c in res_cols if c in rows.columns]).join(res, on=IN_KEY_COL, how="inner", maintain_order="left")
-        return out.drop([c for c in (IN_KEY_COL, IDX_COL) if c in out.columns])
+        return _attach(rows, found.collect() if found is not None else pl.DataFrame(schema={IN_KEY_COL: pl.String}))
 
     def _run(self, n: int, stage: RowStage, todo: pl.DataFrame) -> list[BatchResult]:
         size = stage.rows_per_batch()
@@ -133,7 +127,6 @@ class Follower:
             return []
         if stage.cpu_bound and self._workers > 1:
             if n not in self._pools:
-                self._pools[n] = ProcessPoolExecutor(self._workers, mp_context=mp.get_context("spawn"),
-                                                     initializer=_init_worker, initargs=(stage,))
-            return list(self._pools[n].map(_work, batches))
+                self._pools[n] = cpu_pool(stage, self._workers)
+            return list(self._pools[n].map(work, batches))
         return [safe_process(stage, b) for b in batches]

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from tracepipe.contract import DROP_COL, ERROR_COL, IDX_COL, IN_KEY_COL, KEY_COL, ORDER_COL, PARENT_COL
 from tracepipe.errors import EngineFatalError, RunFailed
 from tracepipe.pipeline.executors import Executor, get_executor
-from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, safe_process, stream_plan
+from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, safe_process
 from tracepipe.pipeline.executors.local import default_workers
 from tracepipe.pipeline.follow import Follower, follower_chain
 from tracepipe.pipeline.frames import (
@@ -217,7 +217,6 @@ class Runner:
         self.progress = progress
         self.console = console
         self._chain: list[tuple[RowStage, StageStore]] = []  # CPU row stages after the current one
-        self._side: pl.DataFrame | None = None  # their upstream columns of its rows to compute
         self.ctx = StageContext(
             recipe_name=recipe.name,
             recipe_dir=recipe.base_dir,
@@ -541,34 +540,36 @@ class Runner:
                 held = []
         if schema is None:
             return pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
-        self._side = pl.concat(sides, how="diagonal_relaxed") if sides else None
+        follower = self._follower(sides)
         if writer is None:
-            return self._process(stage, store, pa.concat_tables(held), st, prog)
+            return self._process(stage, store, pa.concat_tables(held), st, prog, follower)
         writer.close()
-        errors = self._process(stage, store, todo_path, st, prog)
+        errors = self._process(stage, store, todo_path, st, prog, follower)
         todo_path.unlink()
         return errors
 
     def _side_columns(self, stage: RowStage, parts: list[Part]) -> list[str]:
-        """Columns the follower chain reads from the rows a streamed model stage gets (none when
-        nothing follows it, or it does not stream)."""
-        if not self._chain or not parts or not stage.engine_names() or stream_plan(stage).calls_in_flight <= 1:
+        """Columns the follower chain reads from the rows a model stage gets (none when nothing
+        follows it, or it is not a model stage). Decided from the engine's kind: nothing starts."""
+        names = [n for n in stage.engine_names() if n in self.ctx.engines]
+        if not self._chain or not parts or not names or self.ctx.engine(names[0]).bulk:
             return []
         have = frame_schema(parts)
         adds = set(stage.output_columns())
         want = {c for s, _ in self._chain for c in s.input_columns()}
         return [c for c in have if c in want and c not in adds]
 
-    def _follower(self, stage: RowStage) -> Follower | None:
-        """A :class:`Follower` for the stage's missing rows, when it streams and CPU stages follow."""
-        side, self._side = self._side, None
-        if side is None or not self._chain:
+    def _follower(self, sides: list[pl.DataFrame]) -> Follower | None:
+        """A :class:`Follower` for a model stage's missing rows (``sides``: their columns the
+        chain reads), when CPU row stages follow it."""
+        if not sides or not self._chain:
             return None
-        workers = getattr(self.executor, "workers", None) or default_workers()
-        return Follower(self._chain, side.unique(IN_KEY_COL, keep="first"), stage.fanout, workers)
+        side = pl.concat(sides, how="diagonal_relaxed").unique(IN_KEY_COL, keep="first")
+        return Follower(self._chain, side, getattr(self.executor, "workers", None) or default_workers())
 
     def _process(
         self, stage: RowStage, store: StageStore, todo: Path | pa.Table, st: StageStats, prog: Progress,
+        follower: Follower | None = None,
     ) -> pl.DataFrame:
         """Run the executor over the rows to compute; commit results in completion order."""
         if isinstance(todo, pa.Table):
@@ -607,8 +608,6 @@ class Runner:
             elif usage.get("mean_running"):  # vLLM: sequences per decode step
                 rate += f" {usage['mean_running']:,.0f} seqs/step"
             prog.advance(task, res.n_in, rate)
-
-        follower = self._follower(stage)
 
         def commit(df: pl.DataFrame) -> None:  # on the driver, in completion order
             store.commit(df)

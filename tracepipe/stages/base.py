@@ -213,9 +213,6 @@ class RowStage(Stage):
     #: one input row may give several output rows (``generate``'s samples): each output row gets
     #: its own ``_key`` (``<parent>/<stage>:<i>``) and ``_parent``.
     fanout: ClassVar[bool] = False
-    #: results are kept in the per-row store. A stage whose work is cheaper than storing it (a
-    #: SQL ``filter`` or ``map``) says False and is recomputed over each part on every run.
-    stored: ClassVar[bool] = True
     #: rows per committed store part (and per ``process`` call, unless the stage streams).
     batch_size: ClassVar[int] = 2048
 
@@ -227,8 +224,9 @@ class RowStage(Stage):
         return int(bs) if isinstance(bs, int) and bs > 0 else self.batch_size
 
     def stores_rows(self) -> bool:
-        """Whether this instance keeps results in the per-row store (default: the class's ``stored``)."""
-        return self.stored
+        """Whether results are kept in the per-row store. A stage whose work is cheaper than
+        storing it (a SQL ``filter`` or ``map``) says False and is recomputed over each part."""
+        return True
 
     def requests_per_row(self) -> int:
         """Engine requests one input row makes (``generate``: ``n``): sizes the stream."""

@@ -60,8 +60,8 @@ def stream_plan(stage: RowStage) -> StreamPlan:
     """Model stages on an engine that runs many requests at once stream a row (a few for wide
     engines) per call, with more calls in flight than the engine's capacity: every unfinished
     call holds at least one unfinished request, so the engine always has work queued behind
-    what it runs. Everything
-    else runs in batches of ``rows_per_batch``, one at a time (or in the CPU pool)."""
+    what it runs. Everything else runs in batches of ``rows_per_batch``, one at a time (or in
+    the CPU pool)."""
     names = [n for n in stage.engine_names() if n in stage.ctx.engines]
     if names:
         engine = stage.ctx.engine(names[0])

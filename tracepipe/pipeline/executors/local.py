@@ -43,7 +43,8 @@ def _init_worker(stage: RowStage) -> None:
     stage.setup()
 
 
-def _work(batch: pl.DataFrame) -> BatchResult:
+def work(batch: pl.DataFrame) -> BatchResult:
+    """One batch through the stage this worker process set up (:func:`cpu_pool`)."""
     assert _WORKER_STAGE is not None
     return safe_process(_WORKER_STAGE, batch)
 
@@ -53,6 +54,11 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_pool(stage: RowStage, workers: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes, each with its own ``stage.setup()``; submit :func:`work`."""
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(stage,))
 
 
 def keep_full(
@@ -107,9 +113,8 @@ class LocalExecutor(Executor):
 
         if stage.cpu_bound and self.workers > 1:
             batches = rows.batches(stage.rows_per_batch())
-            with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(stage,)) as pool:
-                keep_full(pool, lambda b: pool.submit(_work, b), batches, 2 * self.workers, handle, commit.tick)
+            with cpu_pool(stage, self.workers) as pool:
+                keep_full(pool, lambda b: pool.submit(work, b), batches, 2 * self.workers, handle, commit.tick)
         else:
             stage.setup()
             try:

@@ -5,7 +5,8 @@
   the same as a run where verify waits for generate;
 - the engine is fed continuously (occupancy counted by the driver after every decode step);
 - engines live only as long as a stage needs them: the judge's engine is released before the
-  generating engine starts, and the output equals a run that keeps both alive.
+  generating engine starts, and the output equals a run that keeps both alive; a released vLLM
+  engine's engine core is shut down.
 """
 
 from __future__ import annotations
@@ -81,19 +82,35 @@ def test_engine_released_before_the_next_engine_starts(tmp_path: Path, tiny_mode
     assert rows.select(cols).sort("id").equals(rows_kept.select(cols).sort("id"))
 
 
-def test_released_vllm_engine_frees_its_model(tiny_model_dir: Path) -> None:
-    """A vLLM engine nobody else shares is really freed on release: its LLM object is gone."""
-    import gc
-    import weakref
+def test_released_vllm_engine_shuts_its_engine_core_down(tiny_model_dir: Path) -> None:
+    """A vLLM engine nobody else shares is really released: its engine core is shut down (with
+    in-process vLLM that tears down the model-parallel state it set up; with vLLM's default
+    multiprocessing it ends the engine-core process, which holds the weights and KV cache).
 
-    from tracepipe.engines import build_engine
+    Run in a fresh interpreter: in-process, that teardown is process-wide, and the session's
+    shared engine still uses it."""
+    import os
+    import subprocess
+    import sys
 
-    eng = build_engine(tiny_vllm_config(tiny_model_dir, max_model_len=256))  # not the session's load
-    eng.ensure_started()
-    ref = weakref.ref(eng.llm)
-    out = eng.generate([__import__("tracepipe.engines.base", fromlist=["GenerationRequest"]).GenerationRequest(
-        messages=[{"role": "user", "content": "1+1?"}])])
-    assert len(out) == 1 and len(out[0]) == 1
-    eng.close()
-    gc.collect()
-    assert ref() is None
+    script = f"""
+from tests.fixtures.teacher_engines import tiny_vllm_config
+from tracepipe.engines import build_engine
+from tracepipe.engines.base import GenerationRequest
+from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+eng = build_engine(tiny_vllm_config({str(tiny_model_dir)!r}, max_model_len=256))
+eng.ensure_started()
+out = eng.generate([GenerationRequest(messages=[{{"role": "user", "content": "1+1?"}}])])
+assert len(out) == 1 and len(out[0]) == 1, out
+assert model_parallel_is_initialized()
+driver = eng._driver
+eng.close()
+assert not model_parallel_is_initialized(), "the engine core was not shut down"
+assert not driver._thread.is_alive(), "the driver thread still runs"
+print("released")
+"""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0 and "released" in res.stdout, res.stderr[-3000:]

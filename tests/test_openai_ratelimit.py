@@ -474,3 +474,28 @@ def test_missing_key_variable_is_fatal_in_generate(monkeypatch: pytest.MonkeyPat
     with pytest.raises(EngineFatalError, match="TP_ABSENT_KEY"):
         eng.generate([req(1)])
     assert not counting_server.chat_requests()
+
+
+def test_close_wakes_every_caller_still_waiting() -> None:
+    """A stage that stops (a fatal error elsewhere, a budget) releases its engine while other
+    threads still wait on their requests: closing must wake them, or the process never exits."""
+    with CountingServer(delay=30.0) as srv:
+        eng = engine(srv, concurrency=4)
+        out: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                eng.generate([req(i) for i in range(4)])
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                out["error"] = e
+
+        th = threading.Thread(target=wait, daemon=True)
+        th.start()
+        deadline = time.monotonic() + 10
+        while srv.chat_inflight < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        eng.close()
+        th.join(timeout=20)
+        assert not th.is_alive() and time.monotonic() - t0 < 20
+    assert "error" in out  # the request did not finish: the caller is told, not left waiting

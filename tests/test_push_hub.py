@@ -67,7 +67,8 @@ def test_run_pushes_then_repush_sends_only_changed_shards(fake_hub: FakeHub, tmp
     first_files = {f"data/{p.name}": _sha(p) for p in shards}
     assert len(_commits(fake_hub)) == 1
     (commit,) = fake_hub.commit_log
-    assert set(first_files) | {"README.md", "recipe.yaml", "summary.json", "token_lengths.png", "difficulty.png"} == set(commit["added"])
+    assert set(first_files) | {"README.md", "recipe.yaml", "summary.json", "token_lengths.png", "difficulty.png",
+                               "browser.html"} == set(commit["added"])
     assert set(fake_hub.lfs_uploads) == set(first_files.values()) | {_sha(out / "token_lengths.png"), _sha(out / "difficulty.png")}
     remote = fake_hub.files(REPO)
     for path, sha in first_files.items():
@@ -161,7 +162,7 @@ def test_push_to_directory(tmp_path: Path) -> None:
     assert (dest / "README.md").read_bytes() == (tmp_path / "out" / "README.md").read_bytes()
     from tracepipe.hub import push_outputs
 
-    assert list(push_outputs(recipe)) == [f"url {dest}: 0 file(s) copied, 0 deleted, {len(local) + 5} unchanged"]
+    assert list(push_outputs(recipe)) == [f"url {dest}: 0 file(s) copied, 0 deleted, {len(local) + 6} unchanged"]
     write_traces_recipe(tmp_path, outputs, limit=170)
     recipe, result = run_recipe(path)
     new_local = sorted(p.name for p in (tmp_path / "out" / "data").glob("*.parquet"))

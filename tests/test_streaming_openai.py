@@ -90,3 +90,34 @@ def test_a_429_storm_slows_down_and_loses_nothing(tmp_path: Path) -> None:
     cols = [c for c in calm.columns if c not in ("_key", "_parent")]
     assert stormy.height == calm.height == ROWS
     assert stormy.select(cols).sort("id").equals(calm.select(cols).sort("id"))
+
+
+TOO_LONG = ("This model's maximum context length is 64 tokens. However, your prompt contains at least 900 input "
+            "tokens, which exceeds this limit even without any output tokens.")
+
+
+def test_every_prompt_too_long_stops_the_stage_at_once(tmp_path: Path) -> None:
+    """A context no prompt fits (a server started with a small max_model_len) is not a row error
+    repeated a million times: after the first TOO_LONG_STOP refusals with none that fitted, the
+    stage stops with one message naming the engine; the refused rows are not asked again."""
+    from tracepipe.engines.base import TOO_LONG_STOP
+    from tracepipe.pipeline.runner import RunFailed
+
+    with CountingServer(fail_status=400, fail_message=TOO_LONG) as srv:
+        with pytest.raises(RunFailed) as ei:
+            _run(tmp_path, "too-long", srv.base_url)
+        sent = len(srv.chat_requests())
+    msg = str(ei.value)
+    assert "'api'" in msg and "longer than the server's context" in msg and "900 tokens" in msg, msg
+    assert TOO_LONG_STOP <= sent <= TOO_LONG_STOP + 2 * CONC + 16, sent  # not ROWS requests
+
+
+def test_some_prompts_too_long_drop_only_those_rows(tmp_path: Path) -> None:
+    """Prompts that fit go through; the ones that do not are dropped with their reason."""
+    with CountingServer() as srv:  # the first GSM8K problem (Natalia) does not fit
+        srv.refusal = lambda body: (  # type: ignore[method-assign]
+            {"error": {"message": TOO_LONG}} if "Natalia" in json.dumps(body.get("messages")) else None)
+        stats, rows = _run(tmp_path, "some-too-long", srv.base_url)
+    gen = stats["stages"][0]
+    assert rows.height == ROWS - 1
+    assert any(k.startswith("generate: prompt too long") for k in gen["dropped"]), gen["dropped"]

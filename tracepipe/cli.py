@@ -88,6 +88,55 @@ def _stage_table(stats: dict[str, Any], plan: bool) -> Table:
     return t
 
 
+def _num(v: Any, money: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"${v:,.4f}" if money else f"{v:,.0f}" if isinstance(v, (int, float)) and float(v).is_integer() else f"{v:,.2f}"
+
+
+def _estimate_table(stats: dict[str, Any]) -> Table | None:
+    """Plan: per model stage, requests, tokens, cost and GPU-hours (pipeline/estimate.py)."""
+    rows = [s for s in stats["stages"] if s.get("estimate")]
+    if not rows:
+        return None
+    t = Table(title="estimates over the rows to compute ('+': an earlier stage still has work; CPU stages "
+                    "that have not run count as keeping every row)")
+    for name, justify in (("#", "right"), ("stage", "left"), ("engine", "left"), ("requests", "right"),
+                          ("prompt tokens", "right"), ("completion tokens: median / p90 / max", "right"),
+                          ("USD: median / p90 / max", "right"), ("GPU-hours: median / max", "right")):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in rows:
+        e = s["estimate"]
+        mark = "+" if e.get("partial") else ""
+        comp = e.get("completion_tokens") or {}
+        usd = e.get("usd")
+        gpu = e.get("gpu_hours")
+        prompt = _num(e.get("prompt_tokens")) + ("~" if e.get("prompt_tokens_method", "tokenizer") not in ("tokenizer", "token ids") else "")
+        t.add_row(
+            str(s["index"]), s["name"], f"{e['engine']} ({e['kind']})", f"{_num(e.get('requests'))}{mark}", prompt,
+            " / ".join(_num(comp.get(k)) for k in ("median", "p90", "max")) if comp else "-",
+            " / ".join(_num(usd.get(k), money=True) for k in ("median", "p90", "max")) if usd else "no price",
+            " / ".join("-" if gpu.get(k) is None else f"{gpu[k]:.3g}" for k in ("median", "max")) if gpu
+            else ("no earlier run" if "gpu_hours" in e else "-"),
+        )
+    return t
+
+
+def _spend_lines(spend: dict[str, Any]) -> list[str]:
+    """Plan: what the workdir has spent, and each budget against it plus the estimates."""
+    lines = []
+    w = spend.get("workdir") or {}
+    if w.get("requests"):
+        lines.append(f"spent so far in this workdir: ${w['usd']:,.4f} ({w['requests']:,} requests, "
+                     f"{w['prompt_tokens']:,} prompt + {w['completion_tokens']:,} completion tokens)")
+    for o in spend.get("outlook") or []:
+        money = o["limit"] == "max_usd"
+        planned = " / ".join(_num(o.get(k), money) for k in ("planned_median", "planned_max"))
+        lines.append(f"budget of {o['scope']}: {o['limit']} {o['value']:g}; spent {_num(o['spent'], money)}, "
+                     f"this plan {planned} (median / max): {o['verdict']}")
+    return lines
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="recipe.yaml"),
@@ -124,7 +173,8 @@ def plan(
     recipe: Path = typer.Argument(..., help="recipe.yaml"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
 ) -> None:
-    """Per stage: rows cached / rows to compute. Runs nothing ('+' = an earlier stage has work)."""
+    """Per stage: rows cached / rows to compute; per model stage: requests, tokens, cost and
+    GPU-hours. Sends nothing and starts no engine ('+' = an earlier stage has work)."""
     from tracepipe.pipeline.runner import Runner
 
     r = _load(recipe)
@@ -138,6 +188,11 @@ def plan(
         out.print_json(json.dumps(stats, default=str))
     else:
         out.print(_stage_table(stats, plan=True))
+        est = _estimate_table(stats)
+        if est is not None:
+            out.print(est)
+        for line in _spend_lines(stats.get("spend") or {}):
+            out.print(line, markup=False, highlight=False)
 
 
 @app.command()
@@ -248,13 +303,16 @@ def init(
 def report(
     recipe: Path = typer.Argument(..., help="recipe.yaml"),
     output: Path | None = typer.Option(None, "--output", "-o", help="directory for report.html and plots"),
+    browser_rows: int = typer.Option(10_000, min=1, help="trace browser: rows embedded (a stable sample beyond)"),
+    browser_mb: float = typer.Option(24.0, min=0.1, help="trace browser: megabytes of text embedded (longer texts are cut)"),
 ) -> None:
-    """HTML report with PNG plots of the last run."""
+    """HTML report with PNG plots of the last run and a trace browser over its rows."""
+    from tracepipe._browser import Limits
     from tracepipe.report import build_report
 
     r = _load(recipe)
     with _input_errors("report"):
-        path = build_report(r, output)
+        path = build_report(r, output, browser_limits=Limits(rows=browser_rows, mb=browser_mb))
     out.print(f"wrote {path}")
 
 

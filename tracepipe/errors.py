@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "BadSourceLine", "EngineFatalError", "FingerprintError", "IsolationUnavailable", "Problem", "PushError",
+    "BadSourceLine", "BudgetExceeded", "EngineFatalError", "FingerprintError", "IsolationUnavailable", "Problem", "PushError",
     "RecipeError", "RunFailed", "SourceError", "TeacherMismatchError",
 ]
 
@@ -80,6 +80,19 @@ class EngineFatalError(RuntimeError):
 
     Row errors are quarantined one by one; this one would fail every row the same way, so the
     runtime stops the stage with this message instead of sending the rest."""
+
+
+class BudgetExceeded(EngineFatalError):
+    """The next request could cross a ``budget`` (:mod:`tracepipe.spend`): the engine dispatches
+    nothing more. Unlike other fatal errors, the requests already in flight finish and are
+    committed before the stage stops (the executor drains); the run then fails with this message,
+    the spend so far and the rows that remain (``remaining`` / ``to_compute``, set by the runner)."""
+
+    def __init__(self, message: str, engine: str = "") -> None:
+        super().__init__(message)
+        self.engine = engine
+        self.remaining: int | None = None
+        self.to_compute: int | None = None
 
 
 class FingerprintError(RuntimeError):

@@ -35,7 +35,8 @@ from tracepipe.locations import output_location
 from tracepipe.secrets import Scrubber
 
 #: top-level files pushed next to ``data/`` (bookkeeping files with local paths stay local)
-PUSHED_TOP = ("README.md", "recipe.yaml", "summary.json", "dataset_info.json", "token_lengths.png", "difficulty.png")
+PUSHED_TOP = ("README.md", "recipe.yaml", "summary.json", "dataset_info.json", "token_lengths.png", "difficulty.png",
+              "browser.html")
 MANIFEST = ".tracepipe-manifest.json"
 
 

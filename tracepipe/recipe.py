@@ -20,6 +20,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from tracepipe.engines.base import EngineConfig
 from tracepipe.errors import Problem, RecipeError  # noqa: F401 - re-exported
+from tracepipe.spend import Budget
 from tracepipe.stages.base import StageParams
 
 
@@ -108,17 +109,20 @@ class StageSpec(BaseModel):
     name: str
     params: StageParams
     index: int
+    #: YAML path of its params when not ``stages[index].name`` (a stage another one expands into)
+    loc: tuple[Any, ...] = ()
 
 
 class Recipe(_Model):
     name: str = Field(..., description="dataset name; default workdir is .tracepipe/<name>")
     workdir: str | None = Field(None, description="where the store, stats and rejects live")
     source: list[SourceSpec] = Field(..., min_length=1)
-    engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> {kind: vllm|openai|transformers|replay, ...}")
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> {kind: vllm|openai|openai-batch|transformers|replay, ...}")
     stages: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list, description="ordered list of {stage-name: {params}}")
     outputs: list[OutputSpec] = Field(default_factory=list)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     max_error_rate: float = Field(0.1, ge=0, le=1, description="the run fails when a stage quarantines more than this share of its rows")
+    budget: Budget | None = Field(None, description="hard limits on every engine together, over the workdir: {max_usd, max_output_tokens, max_requests}")
     description: str | None = None
     license: str | None = None
 
@@ -291,7 +295,7 @@ def validate_tree(tree: Any, file: str, path: Path | None = None) -> Recipe:
         for attr in ("engine", "student_engine", "rewriter", "judge_engine"):
             eng = getattr(spec.params, attr, None)
             if isinstance(eng, str) and eng not in have:
-                full = ("stages", spec.index, spec.name, attr)
+                full = (*(spec.loc or ("stages", spec.index, spec.name)), attr)
                 problems.append(Problem(_fmt_loc(full), _line_of(tree, full), f"engine {eng!r} is not defined under `engines` (have: {have}){did_you_mean(eng, have)}"))
 
     problems += _source_problems(data.get("source"), tree, path)
@@ -329,6 +333,10 @@ def _check_stages(stages: Any, tree: Any, problems: list[Problem]) -> list[Stage
             for err in e.errors():
                 full = (*loc, name, *err["loc"])
                 problems.append(Problem(_fmt_loc(full), _line_of(tree, full), _describe(err)))
+            continue
+        judge = getattr(specs[-1].params, "judge", None) if name == "verify" else None
+        if judge is not None:  # `verify: {judge: {...}}` is a `judge` stage right after verify
+            specs.append(StageSpec(name="judge", params=judge, index=i, loc=(*loc, name, "judge")))
     return specs
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from markupsafe import Markup
 
+from tracepipe import _browser
 from tracepipe.locations import output_location
 from tracepipe.outputs import _card, _plots
+from tracepipe.outputs._writer import split_expr
 from tracepipe.secrets import Scrubber
 
 REPORT_TEMPLATE = "report.html.j2"
@@ -111,8 +114,22 @@ def _output_section(recipe: Any, spec: Any, out_dir: Path, index: int) -> dict[s
     return sec
 
 
-def build_report(recipe: Any, output_dir: Path | None = None) -> Path:
-    """Write ``report.html`` and its PNGs; returns the path of ``report.html``."""
+def label_audits(stats: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """What the ``judge`` and ``gold_audit`` stages left in the run stats: the judge's counts and
+    its disagreements with the rules, and the problems whose gold answer the samples dispute."""
+    out: dict[str, list[dict[str, Any]]] = {"judge": [], "gold": []}
+    for s in (stats or {}).get("stages", []):
+        extra = s.get("extra") or {}
+        key = {"judge": "judge", "gold_audit": "gold"}.get(s.get("name", ""))
+        if key and extra:
+            out[key].append({"index": s.get("index"), **extra})
+    return out
+
+
+def build_report(recipe: Any, output_dir: Path | None = None, browser_limits: _browser.Limits | None = None) -> Path:
+    """Write ``report.html`` and its PNGs; returns the path of ``report.html``.
+
+    ``browser_limits``: rows, megabytes of text and tokens per row the trace browser embeds."""
     workdir = Path(recipe.workdir_path())
     out_dir = Path(output_dir) if output_dir is not None else workdir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +144,11 @@ def build_report(recipe: Any, output_dir: Path | None = None) -> Path:
         plots["throughput"] = "throughput_per_stage.png"
     outputs = [_output_section(recipe, spec, out_dir, i) for i, spec in enumerate(recipe.outputs)]
     env = _card.jinja_env(autoescape=True)
+    # the trace browser: every row of the last write (sampled beyond browser_limits.rows), and the rejects
+    browser = _browser.report_section(recipe, split_expr, browser_limits or _browser.Limits())
     html = env.get_template(REPORT_TEMPLATE).render(
         name=recipe.name, workdir=str(workdir), stats=stats, runs=runs, plots=plots, outputs=outputs,
+        browser=Markup(browser) if browser else None, audits=label_audits(stats),
     )
     path = out_dir / "report.html"
     path.write_text(Scrubber.for_recipe(recipe).text(html))

@@ -202,6 +202,19 @@ def render_chat(tok: Any, messages: list[dict[str, str]], chat_template_kwargs: 
     return text, list(ids)
 
 
+def count_chat_tokens(tok: Any, chats: list[list[dict[str, str]]], chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Prompt tokens of each chat, exactly as :func:`render_chat` would make them (and as vLLM's
+    chat server counts them: template applied, special tokens not added again); the texts are
+    tokenized in one batch."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set `chat_template:` in the engine config")
+    if not chats:
+        return []
+    kw = chat_template_kwargs or {}
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kw) for m in chats]
+    return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
 class CheckpointIdentity:
     """``fingerprint_info`` / ``fingerprint`` shared by engines that load a checkpoint
     (vllm, transformers): pinned ``fingerprint:`` or :func:`model_fingerprint`, computed once."""

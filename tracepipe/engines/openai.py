@@ -79,6 +79,13 @@ How it works:
   pass ``max_bytes`` and at least half of them is settled. Memory holds an index, not results.
 - **Usage.** :meth:`OpenAIEngine.usage`: requests, retries, rate-limited answers, tokens, rates
   and the current window, for the stage stats and the progress bar.
+- **Spend and budgets** (:mod:`tracepipe.spend`). Every 200 answer charges its ``usage`` to the
+  engine's meter (at the ``price`` of the engine config); a request found in the journal charges
+  nothing. Before a request is submitted its worst case is reserved in the caller's thread
+  (prompt tokens counted with ``tokenizer`` when set, else bounded by the bytes, plus
+  ``max_tokens * n``); a reservation that could cross a ``budget`` is refused with
+  :class:`~tracepipe.errors.BudgetExceeded`: that request is not sent, the ones in flight finish
+  (and are journaled), and ``generate`` raises it once they have.
 - **Fingerprint.** ``fingerprint`` (pinned in the recipe) is used verbatim and needs no network;
   else ``model`` + ``revision`` + the ``tokenizer`` files' hash when ``revision`` is set (no
   network); else ``/v1/models`` is queried once for the model's ``root`` and ``max_model_len``.
@@ -109,8 +116,17 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tracepipe.engines import register_engine
-from tracepipe.engines.base import Completion, Engine, EngineConfig, EngineFatalError, GenerationRequest
+from tracepipe.engines.base import (
+    PROMPT_TOO_LONG,
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineFatalError,
+    GenerationRequest,
+)
+from tracepipe.errors import BudgetExceeded
 from tracepipe.hashing import obj_hash, tokenizer_digest
+from tracepipe.spend import Reservation
 
 log = logging.getLogger("tracepipe.engines.openai")
 
@@ -199,7 +215,6 @@ class OpenAIFatalError(OpenAIEngineError, EngineFatalError):
     every request with it from then on, and the runtime stops the stage."""
 
 
-PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of a prompt the server's context cannot hold
 _NUM = r"(\d[\d,]*)"
 _CTX_LEN = [
     re.compile(rf"max_model_len\s*=\s*{_NUM}", re.I),
@@ -621,6 +636,24 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
+        """Cancel what still runs (each caller waiting on a request wakes with CancelledError:
+        a stage stopping on a fatal error must not leave threads waiting forever), then stop."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+            for t in tasks:  # their errors went to their callers; do not log them again at exit
+                if t.done() and not t.cancelled():
+                    t.exception()
+
+        if self.thread.is_alive():
+            try:
+                self.submit(cancel_all()).result(timeout=10)
+            except Exception:  # noqa: BLE001 - best effort: the loop is going away
+                pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         if not self.thread.is_alive():
@@ -664,7 +697,7 @@ class OpenAIEngine(Engine):
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.config.model!r}, base_url={self._display_url()!r})"
 
-    _RUNTIME = ("_key", "_loop", "_client", "_window", "_rpm", "_tpm", "_fatal", "_fatal_event", "_tok", "_journal")
+    _RUNTIME = ("_key", "_loop", "_client", "_window", "_rpm", "_tpm", "_fatal", "_fatal_event", "_tok", "_journal", "_meter")
 
     def __getstate__(self) -> dict[str, Any]:  # runtime state (key, client, loop, locks) never pickles
         state = dict(self.__dict__)
@@ -1103,6 +1136,7 @@ class OpenAIEngine(Engine):
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self._count(ok_requests=1, prompt_tokens=pt, completion_tokens=ct)
+        self.meter().charge(prompt_tokens=pt, completion_tokens=ct)  # spend: the provider's usage
         self._last_ok = time.monotonic()
         if self._window is not None:
             self._window.on_success()
@@ -1354,8 +1388,12 @@ class OpenAIEngine(Engine):
         assert first_err is not None
         raise first_err
 
-    async def _one_journaled(self, key: str, req: GenerationRequest) -> list[Completion]:
-        comps = await self._one(req)
+    async def _one_journaled(self, key: str, req: GenerationRequest, held: Reservation) -> list[Completion]:
+        try:
+            comps = await self._one(req)
+        finally:
+            held.release()
+        self.meter().charge(requests=1)
         if self._journal is not None:
             self._journal.put(key, comps)
         return comps
@@ -1394,19 +1432,27 @@ class OpenAIEngine(Engine):
         done: queue.Queue[tuple[int, str, concurrent.futures.Future[Any]]] = queue.Queue()
         futures: list[concurrent.futures.Future[Any]] = []
         hits: list[tuple[int, str, list[Completion]]] = []
+        refused: list[tuple[int, str, BudgetExceeded]] = []  # a budget stops dispatching (tracepipe.spend)
         for i, req in enumerate(requests):
             key = self.request_key(req)
             cached = journal.get(key) if journal is not None else None
             if cached is not None and len(cached) == req.n:
                 hits.append((i, key, cached))
                 continue
-            fut = loop.submit(self._one_journaled(key, req))
+            try:
+                held = self.reserve([req])  # in the caller's thread: counting prompt tokens stays off the loop
+            except BudgetExceeded as e:
+                refused.append((i, key, e))
+                continue
+            fut = loop.submit(self._one_journaled(key, req, held))
             fut.add_done_callback(lambda f, i=i, key=key: done.put((i, key, f)))
             futures.append(fut)
         try:
             for i, key, comps in hits:
                 self._count(journal_hits=1)
                 yield i, key, comps
+            for i, key, refusal in refused if return_exceptions else ():
+                yield i, key, refusal
             for _ in range(len(futures)):
                 i, key, fut = done.get()
                 exc = fut.exception() if not fut.cancelled() else concurrent.futures.CancelledError()
@@ -1416,6 +1462,8 @@ class OpenAIEngine(Engine):
                     yield i, key, exc
                     continue
                 yield i, key, fut.result()
+            if refused and not return_exceptions:  # what was dispatched has finished: now stop
+                raise refused[0][2]
         finally:
             for fut in futures:
                 fut.cancel()
@@ -1443,4 +1491,6 @@ class OpenAIEngine(Engine):
         if journal is not None:
             for key in keys:
                 journal.handed(key)
-        return [o or [] for o in out]
+        done = [o or [] for o in out]
+        self.check_context(done, "the server's context")
+        return done

@@ -94,39 +94,49 @@ class TransformersEngine(CheckpointIdentity, Engine):
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         self.ensure_started()
-        import torch
-
         tok = self.tokenizer()
         pad = tok.pad_token_id if tok.pad_token_id is not None else min(self._eos, default=0)
         out: list[list[Completion]] = []
-        for req in requests:
-            _, ids = self.render(req.messages)
-            s = req.sampling
-            inp = torch.tensor([ids], device=self._model.device)
-            comps: list[Completion] = []
-            for i in range(req.n):
-                if s.seed is not None:
-                    torch.manual_seed(s.seed + i)
-                kw: dict[str, Any] = {"max_new_tokens": s.max_tokens, "eos_token_id": sorted(self._eos), "pad_token_id": pad}
-                if s.temperature > 0:
-                    kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                              top_k=s.top_k if s.top_k > 0 else None, min_p=s.min_p or None)
-                else:
-                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                if s.stop:
-                    kw.update(stop_strings=list(s.stop), tokenizer=tok)
-                with torch.no_grad():
-                    gen = self._model.generate(inp, attention_mask=torch.ones_like(inp), **kw)[0, len(ids):].tolist()
-                # an incomplete UTF-8 character at the end decodes to U+FFFD; vLLM's incremental
-                # detokenizer never emits it, so neither do we (same text for the same tokens)
-                text = tok.decode(gen, skip_special_tokens=True).rstrip("\ufffd")
-                reason = "stop" if gen and gen[-1] in self._eos else "length"
-                for st in s.stop:
-                    if st in text:
-                        text, reason = text[: text.index(st)], "stop"
-                comps.append(Completion(text, reason, len(ids), len(gen)))
-            out.append(comps)
+        held = self.reserve(requests)  # a budget (tracepipe.spend) refuses the call as a whole
+        try:
+            for req in requests:
+                comps = self._sample(req, tok, pad)
+                out.append(comps)
+                self.meter().charge(1, comps[0].prompt_tokens if comps else 0, sum(c.completion_tokens for c in comps))
+        finally:
+            held.release()
         return out
+
+    def _sample(self, req: GenerationRequest, tok: Any, pad: int) -> list[Completion]:
+        """The ``n`` completions of one request."""
+        import torch
+
+        _, ids = self.render(req.messages)
+        s = req.sampling
+        inp = torch.tensor([ids], device=self._model.device)
+        comps: list[Completion] = []
+        for i in range(req.n):
+            if s.seed is not None:
+                torch.manual_seed(s.seed + i)
+            kw: dict[str, Any] = {"max_new_tokens": s.max_tokens, "eos_token_id": sorted(self._eos), "pad_token_id": pad}
+            if s.temperature > 0:
+                kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                          top_k=s.top_k if s.top_k > 0 else None, min_p=s.min_p or None)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if s.stop:
+                kw.update(stop_strings=list(s.stop), tokenizer=tok)
+            with torch.no_grad():
+                gen = self._model.generate(inp, attention_mask=torch.ones_like(inp), **kw)[0, len(ids):].tolist()
+            # an incomplete UTF-8 character at the end decodes to U+FFFD; vLLM's incremental
+            # detokenizer never emits it, so neither do we (same text for the same tokens)
+            text = tok.decode(gen, skip_special_tokens=True).rstrip("\ufffd")
+            reason = "stop" if gen and gen[-1] in self._eos else "length"
+            for st in s.stop:
+                if st in text:
+                    text, reason = text[: text.index(st)], "stop"
+            comps.append(Completion(text, reason, len(ids), len(gen)))
+        return comps
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoreResult]:
         """``logprobs[i] = log p(ids[i] | ids[:i])`` in float32; position 0 is None."""

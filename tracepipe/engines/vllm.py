@@ -40,6 +40,11 @@ How it works:
   for prompt tokens vLLM documents raw and processed as identical). ``top_k`` is at most
   ``max_logprobs``. Results come back as ``flat_logprobs`` (flat lists, no per-entry objects)
   and are read with numpy: the engine's own work stays a few percent of vLLM's.
+- **Spend** (:mod:`tracepipe.spend`): a ``generate`` call reserves its worst case (the rendered
+  prompts' tokens, ``max_tokens * n``) before anything is submitted, so a ``budget`` refuses a
+  call as a whole; each finished request charges its prompt and completion tokens.
+  :meth:`VllmEngine.gpus` (tensor x pipeline parallel size) turns the throughput a run records
+  into GPU-hours in ``tracepipe plan``.
 - The fingerprint is computed without loading weights (see :mod:`tracepipe.engines._hf`);
   ``sampling_args`` change outputs but not the teacher's identity, so the ``generate`` stage
   hashes them into its own fingerprint instead.
@@ -60,9 +65,14 @@ from pydantic import Field
 
 from tracepipe.engines import register_engine
 from tracepipe.engines._hf import CheckpointIdentity, load_tokenizer, render_chat, resolve_local
-from tracepipe.engines.base import Completion, Engine, EngineConfig, GenerationRequest, ScoreResult
-
-PROMPT_TOO_LONG = "prompt_too_long"
+from tracepipe.engines.base import (
+    PROMPT_TOO_LONG,
+    Completion,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    ScoreResult,
+)
 
 
 class VllmConfig(EngineConfig):
@@ -107,6 +117,7 @@ class _Driver:
         self._inbox: queue.SimpleQueue[tuple[Any, Any, Future[Any]] | None] = queue.SimpleQueue()
         self._waiting: dict[str, Future[Any]] = {}
         self._ids = itertools.count()
+        self._stopped = False
         self.steps = 0
         self.running_sum = 0
         self.busy_s = 0.0
@@ -115,12 +126,37 @@ class _Driver:
 
     def submit(self, prompt: Any, params: Any) -> Future[Any]:
         fut: Future[Any] = Future()
+        if self._stopped:
+            fut.set_exception(RuntimeError("the vLLM engine was released"))
+            return fut
         self._inbox.put((prompt, params, fut))
         return fut
 
     def stop(self) -> None:
+        """Stop the driver. Requests still queued or running are aborted and their futures fail:
+        the runtime releases an engine once its stages are done, so anything left belongs to a
+        stage that is stopping (a fatal error), and no caller thread may wait on it forever."""
+        self._stopped = True
         self._inbox.put(None)
         self._thread.join(timeout=60)
+
+    def _abort_all(self) -> None:
+        why = RuntimeError("the vLLM engine was released while this request was running")
+        if self._waiting:
+            try:
+                self.engine.abort_request(list(self._waiting))
+            except Exception:  # noqa: BLE001 - best effort: the engine is going away
+                pass
+        for fut in self._waiting.values():
+            fut.set_exception(why)
+        self._waiting.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(why)
 
     def _add(self, item: tuple[Any, Any, Future[Any]]) -> None:
         from vllm.sampling_params import RequestOutputKind
@@ -144,7 +180,8 @@ class _Driver:
         while True:
             item = self._inbox.get() if not self._waiting else None
             if item is None and not self._waiting:
-                return  # stop() with nothing in flight
+                self._abort_all()  # stop(): fail whatever was queued after it
+                return
             if item is not None:
                 self._add(item)
             while True:  # everything queued so far joins the next step
@@ -152,9 +189,9 @@ class _Driver:
                     nxt = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._inbox.put(None)  # stop once in flight work is done
-                    break
+                if nxt is None:  # stop() while requests run: abort them
+                    self._abort_all()
+                    return
                 self._add(nxt)
             if not self._waiting:
                 continue
@@ -297,6 +334,10 @@ class VllmEngine(CheckpointIdentity, Engine):
     def usage(self) -> dict[str, float]:
         return self._driver.occupancy() if self._driver is not None else {}
 
+    def gpus(self) -> int:
+        """GPUs one engine occupies: tensor x pipeline parallel size (GPU-hours in ``plan``)."""
+        return self.config.tensor_parallel_size * int(self.config.engine_args.get("pipeline_parallel_size", 1) or 1)
+
     def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
         """Finished ``RequestOutput`` of each prompt, through the shared driver (thread-safe)."""
         assert self._driver is not None
@@ -338,14 +379,24 @@ class VllmEngine(CheckpointIdentity, Engine):
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             where.append(i)
         if prompts:
-            results = self._run(prompts, params)
+            # spend (tracepipe.spend): the call's worst case is reserved before anything is submitted
+            meter = self.meter()
+            held = meter.reserve(len(prompts), sum(len(p["prompt_token_ids"]) for p in prompts),
+                                 sum(sp.max_tokens * sp.n for sp in params))
+            try:
+                results = self._run(prompts, params)
+            finally:
+                held.release()
             for i, res in zip(where, results):
                 n_prompt = len(res.prompt_token_ids)
                 choices = sorted(res.outputs, key=lambda c: c.index)
                 out[i] = [
                     Completion(c.text, c.finish_reason or "stop", n_prompt, len(c.token_ids)) for c in choices
                 ]
-        return [o if o is not None else [] for o in out]
+                meter.charge(1, n_prompt, sum(len(c.token_ids) for c in choices))
+        done = [o if o is not None else [] for o in out]
+        self.check_context(done, f"max_model_len {self._max_len}")
+        return done
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[ScoreResult]:

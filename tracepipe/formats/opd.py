@@ -19,7 +19,13 @@ Batch keys (``B`` rows, ``L`` = longest row in the batch, after ``max_length``):
   there is none (position 0, padding). Position ``i`` pairs with the student's logits at ``i-1``;
 - with top-k in the shards (and ``top_k=True``): ``teacher_topk_ids`` int64 ``[B, L, k]`` and
   ``teacher_topk_logprobs`` float32 ``[B, L, k]`` (best first; 0 where there is none);
-- ``n_tokens`` int64 ``[B]``.
+- ``n_tokens`` int64 ``[B]``;
+- with TIP columns in the shards (``tip`` / ``tip_mask`` stages; ``tip=True``): ``tip_mask``
+  float32 ``[B, L]`` (1 on the positions the TIP rule keeps, always within ``loss_mask``),
+  ``tip_class`` int64 ``[B, L]`` (0 = not classified, 1-4 the TIP classes), ``student_logprobs``,
+  ``student_entropy`` and ``tip_log_ratio`` float32 ``[B, L]`` (0 where there is none), and
+  ``tip_kl`` float32 ``[B, L]`` (NaN where there is none: no shared top-k). All aligned with
+  ``input_ids`` like ``teacher_logprobs``.
 
 ``as_tensors="numpy"`` gives NumPy arrays (no torch needed). ``shuffle=True`` reads the selected
 columns of all shards into memory and draws a seeded permutation; otherwise shards stream in
@@ -39,6 +45,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+#: TIP per-position columns -> (dtype, fill where there is none)
+TIP_COLUMNS: dict[str, tuple[Any, float]] = {
+    "tip_mask": (np.float32, 0.0),
+    "tip_class": (np.int64, 0),
+    "student_logprobs": (np.float32, 0.0),
+    "student_entropy": (np.float32, 0.0),
+    "tip_log_ratio": (np.float32, 0.0),
+    "tip_kl": (np.float32, np.nan),
+}
 
 
 def opd_files(source: str | Path | Sequence[str | Path], split: str = "train") -> list[str]:
@@ -121,7 +136,7 @@ def _to(batch: dict[str, np.ndarray], as_tensors: str) -> dict[str, Any]:
 
 
 def pad_table(table: pa.Table, *, pad_token_id: int = 0, max_length: int | None = None, top_k: bool = True,
-              as_tensors: str = "torch") -> dict[str, Any]:
+              as_tensors: str = "torch", tip: bool = True) -> dict[str, Any]:
     """One padded batch from an Arrow table of ``opd`` rows."""
     ids, valid = _pad2(table.column("token_ids"), np.int64, pad_token_id, max_length)
     mask, _ = _pad2(table.column("loss_mask"), np.float32, 0, max_length)
@@ -136,19 +151,26 @@ def pad_table(table: pa.Table, *, pad_token_id: int = 0, max_length: int | None 
     if top_k and all(c in table.column_names for c in TOPK_COLUMNS):
         out["teacher_topk_ids"] = _pad3(table.column("teacher_topk_ids"), np.int64, max_length)
         out["teacher_topk_logprobs"] = _pad3(table.column("teacher_topk_logprobs"), np.float32, max_length)
+    if tip:
+        for name, (dtype, fill) in TIP_COLUMNS.items():
+            if name in table.column_names:
+                out[name] = _pad2(table.column(name), dtype, fill, max_length)[0]
     return _to(out, as_tensors)
 
 
 def collate_opd(rows: list[dict[str, Any]], *, pad_token_id: int = 0, max_length: int | None = None, top_k: bool = True,
-                as_tensors: str = "torch") -> dict[str, Any]:
+                as_tensors: str = "torch", tip: bool = True) -> dict[str, Any]:
     """Pad a list of ``opd`` row dicts (e.g. from ``datasets``) into one batch."""
-    cols = ["token_ids", "loss_mask", "teacher_logprobs", *(c for c in TOPK_COLUMNS if top_k and c in rows[0])]
+    cols = ["token_ids", "loss_mask", "teacher_logprobs", *(c for c in TOPK_COLUMNS if top_k and c in rows[0]),
+            *(c for c in TIP_COLUMNS if tip and c in rows[0])]
     types = {
         "token_ids": pa.list_(pa.int64()), "loss_mask": pa.list_(pa.int8()), "teacher_logprobs": pa.list_(pa.float32()),
         "teacher_topk_ids": pa.list_(pa.list_(pa.int64())), "teacher_topk_logprobs": pa.list_(pa.list_(pa.float32())),
+        "tip_mask": pa.list_(pa.int8()), "tip_class": pa.list_(pa.int8()),
+        **{c: pa.list_(pa.float32()) for c in ("student_logprobs", "student_entropy", "tip_log_ratio", "tip_kl")},
     }
     table = pa.table({c: pa.array([r[c] for r in rows], type=types[c]) for c in cols})
-    return pad_table(table, pad_token_id=pad_token_id, max_length=max_length, top_k=top_k, as_tensors=as_tensors)
+    return pad_table(table, pad_token_id=pad_token_id, max_length=max_length, top_k=top_k, as_tensors=as_tensors, tip=tip)
 
 
 class OPDReader:
@@ -163,6 +185,7 @@ class OPDReader:
         max_length: int | None = None,
         pad_token_id: int = 0,
         top_k: bool = True,
+        tip: bool = True,
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
@@ -184,7 +207,8 @@ class OPDReader:
         if missing:
             raise ValueError(f"{self.files[0]} is not an opd shard: no {', '.join(missing)}")
         self.top_k = top_k and all(c in names for c in TOPK_COLUMNS)
-        self.columns = ["token_ids", "loss_mask", "teacher_logprobs", *(TOPK_COLUMNS if self.top_k else ())]
+        self.tip = [c for c in TIP_COLUMNS if tip and c in names]
+        self.columns = ["token_ids", "loss_mask", "teacher_logprobs", *(TOPK_COLUMNS if self.top_k else ()), *self.tip]
         self.num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
 
     def __len__(self) -> int:
@@ -221,4 +245,4 @@ class OPDReader:
             if self.drop_last and t.num_rows < self.batch_size:
                 return
             yield pad_table(t, pad_token_id=self.pad_token_id, max_length=self.max_length, top_k=self.top_k,
-                            as_tensors=self.as_tensors)
+                            as_tensors=self.as_tensors, tip=bool(self.tip))

@@ -83,6 +83,7 @@ def jinja_env(autoescape: bool = False) -> Any:
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else (f"{v:,.3g}" if isinstance(v, float) else str(v))
     env.filters["cell"] = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * float(v):.1f}%"
+    env.filters["usd"] = lambda v: "-" if v is None else f"${float(v):,.4f}"
     return env
 
 
@@ -262,6 +263,16 @@ def stage_summaries(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{k: s.get(k) for k in keys} for s in (stats or {}).get("stages", [])]
 
 
+def spend_summary(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the model engines were billed (tracepipe.spend): per engine, in the run that wrote the
+    output and over every run in the workdir; None when no engine sent a request."""
+    spend = (stats or {}).get("spend") or {}
+    engines = {n: e for n, e in (spend.get("engines") or {}).items() if ((e.get("workdir") or {}).get("requests") or 0) > 0}
+    if not engines:
+        return None
+    return {"engines": engines, "run": spend.get("run"), "workdir": spend.get("workdir"), "budget": spend.get("budget")}
+
+
 def summarize(
     final: pl.LazyFrame, spec: Any, recipe: Any, stats: dict[str, Any] | None, files: list[dict[str, Any]],
     rejects: list[str], known: dict[str, Any] | None = None, schema: pl.Schema | None = None,
@@ -304,6 +315,7 @@ def summarize(
         # only a decontaminate stage writes these columns: without one, no rejects file to open
         "contamination_by_benchmark": contamination_by_benchmark(rejects) if any(s["name"] == "decontaminate" for s in stages) or stats is None else {},
         "compression": [s for s in stages if s["name"] == "compress"],
+        "spend": spend_summary(stats),
         "logprobs": [
             {k: (s.get("extra") or {}).get(k) for k in ("logprobs_teacher", "teacher_consistency", "allow_teacher_mismatch", "teacher_mismatch_rows")}
             for s in stages if s["name"] == "logprobs"

@@ -9,6 +9,7 @@ One ``outputs[i]`` entry becomes, under its ``path``::
     summary.json                          the card's numbers (the report reads them)
     stats.json, output.json               run stats and what was written (local bookkeeping)
     dataset_info.json                     sharegpt only: the LLaMA-Factory entry
+    browser.html                          the trace browser over the output's rows (option ``browser``)
 
 Row-local formats are applied one frame part at a time and streamed into the shards (memory holds
 a part); formats that pair rows, and curriculum order, go through one staged scratch file. An
@@ -28,7 +29,9 @@ pushes later). Every text file written here passes through one
 
 Options every format understands: ``where`` (SQL filter over the final rows before formatting),
 ``curriculum_order`` (default true: rows ranked by ``select: {curriculum: ...}`` are written in
-``curriculum_rank`` order) and ``card`` (``license``, ``language``, ``task_categories``, ``tags``, ``pretty_name``, ``text``).
+``curriculum_rank`` order), ``card`` (``license``, ``language``, ``task_categories``, ``tags``, ``pretty_name``, ``text``)
+and ``browser`` (default true: ``browser.html``, a self-contained trace browser, pushed with the
+shards; false: none; ``{rows, mb, tokens, rejects}``: its bounds, and the workdir's rejects too).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import pyarrow.compute  # noqa: F401 - RecordBatch.cast needs it; loaded here, n
 import pyarrow.parquet as pq
 import xxhash
 
+from tracepipe import _browser
 from tracepipe.locations import output_location, rejects_paths  # noqa: F401 - re-exported
 from tracepipe.outputs import _card, get_format, is_row_local
 from tracepipe.outputs._common import option_bool
@@ -65,7 +69,7 @@ APPEND_MAX_SHARDS = 8
 ROW_GROUP_MAX_BYTES = 64 * 2**20
 #: top-level names the writer owns in an output directory (others are left alone)
 MANAGED = ("data", "README.md", "recipe.yaml", "stats.json", "output.json", "summary.json",
-           "dataset_info.json", "token_lengths.png", "difficulty.png")
+           "dataset_info.json", "token_lengths.png", "difficulty.png", "browser.html")
 
 
 def split_expr(test_fraction: float) -> pl.Expr:
@@ -343,6 +347,7 @@ def write_output(
     options = dict(spec.options)
     card_opts = dict(options.pop("card", None) or {})
     where = options.pop("where", None)
+    browser = options.pop("browser", True)  # the trace browser page: not part of the shards' layout
     if spec.push is not None and spec.push.repo and "repo" not in card_opts:
         card_opts["repo"] = spec.push.repo
     rejects = rejects_paths(recipe)
@@ -409,6 +414,10 @@ def write_output(
         card = scrubber.text(_card.render_card(summary, recipe_text, card_opts, features, plots))
         (tmp / "README.md").write_text(card)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        pairs = sorted((tmp / "data").glob("*.parquet")) if spec.format == "dpo-pairs" else []
+        page = _browser.output_page(final, spec, recipe, pairs, browser, split_expr(spec.test_fraction))
+        if page is not None:
+            (tmp / "browser.html").write_text(scrubber.text(page))
         if stats is not None:
             (tmp / "stats.json").write_text(json.dumps(scrubber.obj(stats), indent=2, default=str))
         if spec.format == "sharegpt":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import xxhash
 
 # the column names live in tracepipe.contract, the hashes in tracepipe.hashing; re-exported here
@@ -27,8 +29,51 @@ def _canon_column(series: pl.Series) -> pl.Series:
         return series.fill_null("\x00null")
     if dtype.is_numeric() or dtype == pl.Boolean:
         return series.cast(pl.String).fill_null("\x00null")
+    if _numeric_lists(dtype):
+        return _list_digests(series)
     # nested types: canonical JSON per value
     return pl.Series(series.name, [canonical_json(v) for v in series.to_list()], dtype=pl.String)
+
+
+def _numeric_lists(dtype: pl.DataType) -> bool:
+    """Lists (of lists...) of numbers or booleans: token ids, log-probs, top-k matrices."""
+    if not isinstance(dtype, pl.List):
+        return False
+    while isinstance(dtype, pl.List):
+        dtype = dtype.inner
+    return dtype.is_numeric() or dtype == pl.Boolean
+
+
+def _list_digests(series: pl.Series) -> pl.Series:
+    """One digest per row of a numeric list column, over its Arrow buffers: every level's lengths
+    and validity, then the leaf values' bytes (their dtype named). JSON per value, as for other
+    nested columns, costs ~100 ms for a 4000-token row of top-20 log-probs; this costs microseconds."""
+    arr = series.to_arrow()
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    levels: list[tuple[np.ndarray, np.ndarray]] = []  # (absolute offsets into the child, valid)
+    cur: pa.Array = arr
+    while pa.types.is_list(cur.type) or pa.types.is_large_list(cur.type):
+        levels.append((np.asarray(cur.offsets, dtype=np.int64), cur.is_valid().to_numpy(zero_copy_only=False)))
+        cur = cur.values
+    leaf_valid = cur.is_valid().to_numpy(zero_copy_only=False)
+    leaf = (cur.fill_null(False if pa.types.is_boolean(cur.type) else 0) if cur.null_count else cur).to_numpy(zero_copy_only=False)
+    head = f"\x00lists:{series.dtype}:".encode()
+    out: list[str] = []
+    top_valid = levels[0][1]
+    for r in range(len(arr)):
+        if not top_valid[r]:
+            out.append("\x00null")
+            continue
+        h = xxhash.xxh3_128(head)
+        s, e = r, r + 1
+        for offsets, valid in levels:
+            h.update(valid[s:e].tobytes())
+            h.update(np.diff(offsets[s:e + 1]).tobytes())
+            s, e = int(offsets[s]), int(offsets[e])
+        h.update(leaf_valid[s:e].tobytes())
+        h.update(leaf[s:e].tobytes())
+        out.append(h.hexdigest())
+    return pl.Series(series.name, out, dtype=pl.String)
 
 
 def row_keys(df: pl.DataFrame, columns: Sequence[str], salt: str = "") -> pl.Series:

@@ -39,7 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracepipe.contract import DROP_COL, ERROR_COL, IDX_COL, IN_KEY_COL, KEY_COL, ORDER_COL, PARENT_COL
-from tracepipe.errors import EngineFatalError, RunFailed
+from tracepipe.errors import BudgetExceeded, EngineFatalError, RunFailed
+from tracepipe.pipeline.estimate import estimate_stage, missing_rows, spend_stats
 from tracepipe.pipeline.executors import Executor, get_executor
 from tracepipe.pipeline.executors.base import BatchResult, Committer, RowSource, safe_process
 from tracepipe.pipeline.executors.local import default_workers
@@ -59,6 +60,7 @@ from tracepipe.pipeline.store import StageStore, is_local, local_path
 from tracepipe.publish import publish
 from tracepipe.recipe import Recipe
 from tracepipe.sources import load_sources
+from tracepipe.spend import SpendBook, stop_message
 from tracepipe.stages import get_stage
 from tracepipe.stages.base import RowStage, SetStage, Stage, StageContext
 
@@ -160,6 +162,21 @@ def _collect(lf: pl.LazyFrame | None) -> pl.DataFrame | None:
     return lf.collect() if lf is not None else None
 
 
+def _rate_text(st: StageStats, seconds: float, usage: dict[str, float]) -> str:
+    """The progress bar's rate: rows/s and tokens/s, plus what the engine achieves."""
+    dt = max(1e-9, seconds)
+    rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
+    if "jobs_running" in usage:  # batch APIs: jobs and requests by state
+        rate += (f" jobs {usage['jobs_running']:.0f} running {usage['jobs_done']:.0f} done; requests"
+                 f" {usage['requests_queued']:.0f} queued {usage['requests_running']:.0f} running"
+                 f" {usage['requests_done']:.0f} done {usage['requests_failed']:.0f} failed")
+    elif usage.get("requests_per_s"):  # what the engine achieves (API engines)
+        rate += f" {usage['requests_per_s']:,.1f} req/s" + (f" window {usage['window']:.0f}" if "window" in usage else "")
+    elif usage.get("mean_running"):  # vLLM: sequences per decode step
+        rate += f" {usage['mean_running']:,.0f} seqs/step"
+    return rate
+
+
 def _groups(todo: list[int], rows: list[int], cap: int) -> Iterator[list[int]]:
     """The positions in ``todo``, in order, cut into groups of about ``cap`` rows."""
     group: list[int] = []
@@ -217,6 +234,7 @@ class Runner:
         self.progress = progress
         self.console = console
         self._chain: list[tuple[RowStage, StageStore]] = []  # CPU row stages after the current one
+        self._pass = False  # plan: the current stage's uncomputed rows go on as they are (estimates)
         self.ctx = StageContext(
             recipe_name=recipe.name,
             recipe_dir=recipe.base_dir,
@@ -259,6 +277,8 @@ class Runner:
             self.cache = FrameCache(base / "frames", scratch=run_dir / "frames" if plan else None)
             result = RunResult(stats=stats)
             try:
+                # spend (tracepipe.spend): what engines charge, against the budgets, across runs
+                self.ctx.spend = SpendBook(self.local_workdir, self.recipe.budget, write=not plan)
                 stages = self.build_stages()  # fingerprints (and guards) before any data is read
                 t0 = time.perf_counter()
                 src = load_sources(self.recipe.source, self.recipe.base_dir, self.cache)
@@ -275,6 +295,7 @@ class Runner:
                     self._publish_rejects(rejects)
                     self._publish_files(quarantine, "quarantine")
                     stats.seconds = time.perf_counter() - t_run
+                    stats.spend = spend_stats(self.ctx, stats, plan)  # for the card (engines are released by now)
                     # writing and pushing the outputs is the next step, not the runner's (tracepipe.publish)
                     publish(parts, self.recipe, stats)
                     result.outputs = stats.outputs
@@ -286,6 +307,7 @@ class Runner:
                 raise
             finally:
                 self.ctx.close()
+                stats.spend = spend_stats(self.ctx, stats, plan)  # this run's and the workdir's spend
                 stats.engines = [{"t": round(t, 3), "engine": name, "event": ev} for t, name, ev in self.ctx.engine_events]
                 stats.seconds = time.perf_counter() - t_run
                 if not plan:
@@ -312,8 +334,14 @@ class Runner:
                 if isinstance(stage, RowStage):
                     follow = not plan and self.ctx.options.get("follow", True)
                     self._chain = follower_chain([(s, st_) for s, st_, _ in stages[i + 1:]]) if follow else []  # type: ignore[arg-type]
+                    # plan: a CPU stage's uncomputed rows pass through (an upper bound, '+'), so the
+                    # model stages after it are estimated over every row that may reach them
+                    self._pass = plan and not stage.fanout and not self._drives_model(stage) and any(
+                        self._drives_model(s) for s, _, _ in stages[i + 1:])
                     try:
                         parts, rej, quar = self._row_stage(stage, store, fp, parts, run_dir, tag, st, plan, prog)
+                    except BudgetExceeded as e:
+                        raise RunFailed(stop_message(self.ctx.spend, e, f"stages[{i}].{stage.name}")) from None
                     except EngineFatalError as e:
                         raise RunFailed(f"stages[{i}].{stage.name}: {e} (stopped at once; "
                                         f"{st.computed} rows done and committed are kept)") from None
@@ -333,6 +361,10 @@ class Runner:
                 if not plan:
                     self._check_errors(stage, st, quar)
         return parts
+
+    def _drives_model(self, stage: Stage) -> bool:
+        """Whether the stage sends work to a model engine (not a ``bulk`` one); nothing starts."""
+        return any(n in self.ctx.engines and not self.ctx.engine(n).bulk for n in stage.engine_names())
 
     def _bad_lines(self, bad: pl.DataFrame, rows_read: int, run_dir: Path, stats: RunStats, plan: bool) -> Path:
         """Quarantine the source lines that could not be read (file, line, reason); stop the run
@@ -413,7 +445,14 @@ class Runner:
         st.cached += todo_rows - pl.concat(list(keys.values())).join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height
         errors = pl.DataFrame(schema={IN_KEY_COL: pl.String, ERROR_COL: pl.String})
         if missing.height and not plan:
-            errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+            try:
+                errors = self._compute(stage, store, [parts[j] for j in todo], keys, missing, run_dir, tag, st, prog)
+            except BudgetExceeded as e:  # what was in flight is committed: count what remains
+                e.to_compute, e.remaining = missing.height, len(store.missing(missing[IN_KEY_COL]))
+                raise
+        elif missing.height and plan:
+            rows = missing_rows(self.cache.read, stage, dict(enumerate(parts)), keys, missing)
+            st.estimate = estimate_stage(stage, store, rows, missing.height, self.local_workdir, st.upstream_pending)
         st.error_keys = errors.height
         quar: list[pl.LazyFrame] = []
         # join the parts with the results, a group of parts at a time (bounded memory)
@@ -425,6 +464,8 @@ class Runner:
                 out[j] = kept
                 rej += [dropped] if dropped is not None else []
                 quar += [q] if q is not None else []
+                if self._pass and missing.height and keys[j].join(missing.select(IN_KEY_COL), on=IN_KEY_COL, how="semi").height:
+                    out[j] = parts[j]  # plan: rows not computed yet go on as they are (an upper bound)
         return [p for p in out if p is not None and p.rows > 0], rej, self._quarantine(stage, quar, run_dir, tag, st)
 
     def _cached_parts(
@@ -476,6 +517,7 @@ class Runner:
                 st.to_compute += part.rows
                 keys = pl.int_range(part.rows, eager=True).cast(pl.String).alias(IN_KEY_COL).to_frame()
                 if plan:
+                    out[j] = part if self._pass else None  # plan: passed on as it is (an upper bound)
                     continue
                 cols = [c for c in stage.input_columns() if c in frame_schema([part])]
                 batch = pl.concat([keys, self.cache.read(part, cols)], how="horizontal") if cols else keys
@@ -599,15 +641,8 @@ class Runner:
             st.computed += res.n_in
             if "completion_tokens" in res.ok.columns:
                 st.tokens += int(res.ok["completion_tokens"].fill_null(0).sum())
-            dt = max(1e-9, time.perf_counter() - t0)
-            rate = f"{st.computed / dt:,.1f} rows/s" + (f" {st.tokens / dt:,.0f} tok/s" if st.tokens else "")
             engine = self.ctx.live(names[0]) if names and prog.enabled else None
-            usage = engine.usage() if engine is not None else {}
-            if usage.get("requests_per_s"):  # what the engine achieves (API engines)
-                rate += f" {usage['requests_per_s']:,.1f} req/s" + (f" window {usage['window']:.0f}" if "window" in usage else "")
-            elif usage.get("mean_running"):  # vLLM: sequences per decode step
-                rate += f" {usage['mean_running']:,.0f} seqs/step"
-            prog.advance(task, res.n_in, rate)
+            prog.advance(task, res.n_in, _rate_text(st, time.perf_counter() - t0, engine.usage() if engine is not None else {}))
 
         def commit(df: pl.DataFrame) -> None:  # on the driver, in completion order
             store.commit(df)

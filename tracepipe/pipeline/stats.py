@@ -31,6 +31,7 @@ class StageStats:
     parts_committed: int = 0  # store parts this run committed (streamed stages commit as they go)
     followed: dict[str, Any] = field(default_factory=dict)  # CPU stages run on its commits while it streamed
     engines: dict[str, Any] = field(default_factory=dict)  # engine name -> usage counters
+    estimate: dict[str, Any] = field(default_factory=dict)  # plan: requests, tokens, cost, GPU-hours (pipeline/estimate.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -56,6 +57,7 @@ class RunStats:
     stages: list[StageStats] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     engines: list[dict[str, Any]] = field(default_factory=list)  # when each engine started / was released
+    spend: dict[str, Any] = field(default_factory=dict)  # this run's and the workdir's spend (tracepipe.spend)
     seconds: float = 0.0
     ok: bool = True
     error: str | None = None
@@ -72,4 +74,5 @@ class RunStats:
             "stages": [s.to_dict() for s in self.stages],
             "outputs": self.outputs,
             "engines": self.engines,
+            "spend": self.spend,
         }

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL, KEY_COL  # noqa: F401 - DROP_COL, ERROR_COL re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tracepipe.engines.base import Engine
+    from tracepipe.engines.base import Engine, GenerationRequest
 
 
 def ExecField(default: Any = None, **kw: Any) -> Any:  # noqa: N802 - reads like pydantic's Field
@@ -86,6 +86,8 @@ class StageContext:
     options: dict[str, Any] = field(default_factory=dict)
     #: (unix time, engine name, "start" | "release"), in order: when each engine lived
     engine_events: list[tuple[float, str, str]] = field(default_factory=list)
+    #: the run's :class:`tracepipe.spend.SpendBook` (prices, budgets, usage); engines charge it
+    spend: Any = None
     _live: dict[str, Engine] = field(default_factory=dict, repr=False)
 
     def engine(self, name: str) -> Engine:
@@ -97,6 +99,7 @@ class StageContext:
             if name not in self.engines:
                 raise KeyError(f"engine {name!r} is not defined in the recipe's `engines` (have: {sorted(self.engines)})")
             eng = build_engine(self.engines[name], self)
+            eng.name = name
             eng.on_start = lambda: self.engine_events.append((time.time(), name, "start"))
             self._live[name] = eng
         return self._live[name]
@@ -231,6 +234,19 @@ class RowStage(Stage):
     def requests_per_row(self) -> int:
         """Engine requests one input row makes (``generate``: ``n``): sizes the stream."""
         return 1
+
+    def requests(self, batch: pl.DataFrame) -> list[GenerationRequest] | None:
+        """The engine requests :meth:`process` would send for these rows (``_in_key`` and the
+        input columns), built without calling the engine: ``tracepipe plan`` counts and prices
+        them. None: the stage cannot tell (plan then counts ``rows * requests_per_row()``)."""
+        return None
+
+    def score_tokens(self, batch: pl.DataFrame) -> list[int] | None:
+        """For a stage that scores token ids (:meth:`Engine.score`) instead of sending chats: the
+        length of each sequence :meth:`process` would score for these rows (rows it would drop
+        left out), found without starting the engine; ``tracepipe plan`` counts them as prompt
+        tokens with no completion. None: the stage does not score, or cannot tell yet."""
+        return None
 
     def length_of(self, batch: pl.DataFrame) -> pl.Series | None:
         """Work per row, if the stage knows it (text length to embed): the runtime then hands

@@ -80,6 +80,7 @@ from tracepipe.contract import IN_KEY_COL
 from tracepipe.engines.base import GenerationRequest, SamplingParams
 from tracepipe.hashing import fingerprint, seed_for
 from tracepipe.stages import HasVariants, register
+from tracepipe.stages._columns import frame_from_columns
 from tracepipe.stages._compress_stats import compression_stats
 from tracepipe.stages._reverify import EngineReverifierLifecycle, Item, is_code
 from tracepipe.stages.base import ExecField, RowStage, StageParams
@@ -304,12 +305,11 @@ class Compress(EngineReverifierLifecycle, RowStage, metaclass=HasVariants):
         msgs.append({"role": "user", "content": fill_template(p.prompt_template, values)})
         return msgs
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def _requests(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[GenerationRequest], list[int]]:
+        """Per row, its output record so far (band, tokens before, budget; the status of a row
+        not sent), the rewriter requests, and the rows they belong to: what :meth:`process`
+        sends and ``tracepipe plan`` counts. Tokenizes, never calls the engine."""
         p = self.params
-        engine = self.ctx.engine(p.engine)  # type: ignore[arg-type]
-        compressor = self.ctx.engine_fingerprint(p.engine)  # type: ignore[arg-type]
-        phash = self.prompt_hash()
-        rows = batch.to_dicts()
         recs: list[dict[str, Any]] = []
         requests: list[GenerationRequest] = []
         todo: list[int] = []
@@ -317,8 +317,7 @@ class Compress(EngineReverifierLifecycle, RowStage, metaclass=HasVariants):
             band = r.get("difficulty") or "default"
             before = self.count(r.get("reasoning"))
             rec: dict[str, Any] = {c: None for c in OUT_SCHEMA}
-            rec.update({IN_KEY_COL: r[IN_KEY_COL], "compress_band": band, "reasoning_tokens": before,
-                        "compressor": compressor, "compress_prompt_hash": phash, "compress_messages": None})
+            rec.update({IN_KEY_COL: r[IN_KEY_COL], "compress_band": band, "reasoning_tokens": before, "compress_messages": None})
             recs.append(rec)
             if not r.get("reasoning"):
                 rec["compress_status"] = "skipped:no-reasoning"
@@ -337,6 +336,19 @@ class Compress(EngineReverifierLifecycle, RowStage, metaclass=HasVariants):
             row = {k: v for k, v in r.items() if k != IN_KEY_COL}
             requests.append(GenerationRequest(messages=msgs, n=1, sampling=sampling, key=r[IN_KEY_COL], row=row))
             todo.append(len(recs) - 1)
+        return recs, requests, todo
+
+    def requests(self, batch: pl.DataFrame) -> list[GenerationRequest]:
+        return self._requests(batch.to_dicts())[1]
+
+    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        engine = self.ctx.engine(p.engine)  # type: ignore[arg-type]
+        rows = batch.to_dicts()
+        recs, requests, todo = self._requests(rows)
+        marks = {"compressor": self.ctx.engine_fingerprint(p.engine), "compress_prompt_hash": self.prompt_hash()}  # type: ignore[arg-type]
+        for rec in recs:
+            rec.update(marks)
         results = engine.generate(requests) if requests else []
         if len(results) != len(requests):
             raise RuntimeError(f"rewriter returned {len(results)} results for {len(requests)} requests")
@@ -378,7 +390,7 @@ class Compress(EngineReverifierLifecycle, RowStage, metaclass=HasVariants):
                 rec["compress_status"] = "rejected:unknown"
         cols = list(OUT_SCHEMA) + (["compress_messages"] if p.record_prompt else [])
         schema = dict(OUT_SCHEMA, **({"compress_messages": MESSAGES_DTYPE} if p.record_prompt else {}))
-        return pl.DataFrame({c: [rec[c] for rec in recs] for c in cols}, schema=schema)
+        return frame_from_columns({c: [rec[c] for rec in recs] for c in cols}, schema)
 
     def _verify(self, checks: list[tuple[int, Item, Any]], recs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
         if not checks:

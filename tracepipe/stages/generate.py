@@ -40,9 +40,10 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from tracepipe.contract import DROP_COL, IN_KEY_COL
-from tracepipe.engines.base import Completion, GenerationRequest, SamplingParams
+from tracepipe.engines.base import PROMPT_TOO_LONG, Completion, GenerationRequest, SamplingParams
 from tracepipe.hashing import seed_for
 from tracepipe.stages import register
+from tracepipe.stages._columns import frame_from_columns
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 DEFAULT_USER_TEMPLATES: dict[str, str] = {
@@ -53,7 +54,6 @@ DEFAULT_USER_TEMPLATES: dict[str, str] = {
     ),
     "default": "{problem}",
 }
-PROMPT_TOO_LONG = "prompt_too_long"
 
 MESSAGES_DTYPE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 OUT_SCHEMA: dict[str, Any] = {
@@ -185,16 +185,12 @@ class Generate(RowStage):
             raise ValueError(f"generate: engine {self.params.engine!r} replays one trace per row; use n: 1 (got n: {self.params.n})")
         engine.ensure_started()
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def _requests(self, rows: list[dict[str, Any]]) -> list[GenerationRequest]:
+        """``n`` requests a row (sample ``i`` seeded with ``seed_for(row key, i, seed)``)."""
         p = self.params
-        engine = self.ctx.engine(p.engine)
-        teacher = self.ctx.engine_fingerprint(p.engine)
-        rows = batch.to_dicts()
         requests: list[GenerationRequest] = []
-        chats: list[list[dict[str, str]]] = []
         for r in rows:
             msgs = self.messages(r["problem"], r.get("domain"))
-            chats.append(msgs)
             row = {k: v for k, v in r.items() if k != IN_KEY_COL}
             for i in range(p.n):
                 sampling = SamplingParams(
@@ -202,6 +198,18 @@ class Generate(RowStage):
                     max_tokens=p.max_tokens, stop=list(p.stop), seed=seed_for(r[IN_KEY_COL], i, p.seed),
                 )
                 requests.append(GenerationRequest(messages=msgs, n=1, sampling=sampling, key=r[IN_KEY_COL], row=row))
+        return requests
+
+    def requests(self, batch: pl.DataFrame) -> list[GenerationRequest]:
+        return self._requests(batch.to_dicts())
+
+    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        engine = self.ctx.engine(p.engine)
+        teacher = self.ctx.engine_fingerprint(p.engine)
+        rows = batch.to_dicts()
+        requests = self._requests(rows)
+        chats = [requests[j * p.n].messages for j in range(len(rows))]
         results = engine.generate(requests)
         if len(results) != len(requests):
             raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
@@ -216,7 +224,7 @@ class Generate(RowStage):
                 continue
             for i, c in enumerate(comps):
                 self._append(out, r[IN_KEY_COL], i, chats[j], c, teacher)
-        return pl.DataFrame(out, schema=OUT_SCHEMA)
+        return frame_from_columns(out, OUT_SCHEMA)
 
     def _append(self, out: dict[str, list[Any]], key: str, sample: int | None, msgs: list[dict[str, str]],
                 c: Completion | None, teacher: str, drop: str | None = None) -> None:

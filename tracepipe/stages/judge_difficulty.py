@@ -119,12 +119,9 @@ class JudgeDifficulty(RowStage):
     def setup(self) -> None:
         self.ctx.engine(self.params.engine).ensure_started()
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def _requests(self, rows: list[dict[str, Any]]) -> list[GenerationRequest]:
         p = self.params
-        engine = self.ctx.engine(p.engine)
-        judge = self.ctx.engine_fingerprint(p.engine)
-        rows = batch.to_dicts()
-        reqs = [
+        return [
             GenerationRequest(
                 messages=self.messages(str(r["problem"] or ""), r.get("domain")), n=1,
                 sampling=SamplingParams(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
@@ -133,7 +130,16 @@ class JudgeDifficulty(RowStage):
             )
             for r in rows
         ]
-        results = engine.generate(reqs)
+
+    def requests(self, batch: pl.DataFrame) -> list[GenerationRequest]:
+        return self._requests(batch.to_dicts())
+
+    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        engine = self.ctx.engine(p.engine)
+        judge = self.ctx.engine_fingerprint(p.engine)
+        rows = batch.to_dicts()
+        results = engine.generate(self._requests(rows))
         labels, texts = [], []
         for res in results:
             c = res[0] if res else None

@@ -68,6 +68,7 @@ from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.engines.base import Engine
 from tracepipe.errors import RunFailed, TeacherMismatchError  # TeacherMismatchError: re-exported
 from tracepipe.stages import register
+from tracepipe.stages._context import scoring_limit
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 DEFAULT_ASSISTANT_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{response}"  # = outputs' default
@@ -305,10 +306,12 @@ class Logprobs(RowStage):
         self._tok: Any = None
         self._eot: list[int] = []
         self._limit: int | None = None
+        self._ready = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_tok"] = None
+        state["_ready"] = False
         return state
 
     # -- declarations ------------------------------------------------------------------------------
@@ -454,34 +457,37 @@ class Logprobs(RowStage):
     def setup(self) -> None:
         self.check_guard()
         engine = self.ctx.engine(self.params.engine)
+        self._load_tokens(engine)
+        engine.ensure_started()
+        self._limit = self._length_limit(engine)  # the live context
+        self._ready = True
+
+    def _load_tokens(self, engine: Engine) -> None:
+        """Tokenizer, end-of-turn ids and length limit (the engine's context once started, else
+        its config's): all :meth:`encode` needs, without starting the engine."""
         self._tok = engine.tokenizer()
         kwargs = getattr(engine.config, "chat_template_kwargs", None) or None
         self._eot = end_of_turn_ids(self._tok, kwargs) if self.params.mask_end_of_turn else []
-        engine.ensure_started()
-        limit = self.params.max_length
-        mml = getattr(engine, "max_model_len", None)
-        if isinstance(mml, int) and mml > 1:
-            limit = min(limit, mml - 1)  # scoring decodes one token after the sequence
-        self._limit = limit
+        self._limit = self._length_limit(engine)
+
+    def _length_limit(self, engine: Engine) -> int:
+        ctx = scoring_limit(engine)
+        return self.params.max_length if ctx is None else min(self.params.max_length, ctx)
 
     def encode(self, rows: list[dict[str, Any]]) -> list[Encoded | str]:
         """Tokens and loss masks of rows, as this stage scores them (see :func:`encode_rows`)."""
         p = self.params
-        if self._tok is None:
-            self.setup()
         engine = self.ctx.engine(p.engine)
+        if self._tok is None:
+            self._load_tokens(engine)
         return encode_rows(
             self._tok, rows, template=p.assistant_template, reasoning_mode=p.reasoning, eot_ids=self._eot,
             max_length=self._limit, chat_template_kwargs=getattr(engine.config, "chat_template_kwargs", None) or None,
         )
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
-        p = self.params
-        if self._tok is None:
-            self.setup()
-        engine = self.ctx.engine(p.engine)
-        teacher = self.check_guard()["teacher"]
-        rows = batch.to_dicts()
+    def _encoded(self, rows: list[dict[str, Any]]) -> tuple[list[Encoded | None], list[str | None], list[str | None]]:
+        """Per row: its sequence to score, or why it is dropped, or why it fails (the guard):
+        what :meth:`process` scores and ``tracepipe plan`` counts."""
         n = len(rows)
         enc: list[Encoded | None] = [None] * n
         drops: list[str | None] = [None] * n
@@ -490,7 +496,7 @@ class Logprobs(RowStage):
         for i, r in enumerate(rows):
             if errors[i] is not None:
                 continue
-            if r.get("response") is None and p.incomplete == "drop":
+            if r.get("response") is None and self.params.incomplete == "drop":
                 drops[i] = "logprobs: incomplete completion"
             else:
                 ok.append(i)
@@ -499,6 +505,20 @@ class Logprobs(RowStage):
                 enc[i] = e
             else:
                 drops[i] = e
+        return enc, drops, errors
+
+    def score_tokens(self, batch: pl.DataFrame) -> list[int] | None:
+        if not {"reasoning", "response"} & set(batch.columns):
+            return None  # the traces are not there yet (an earlier stage has not run)
+        return [len(e.token_ids) for e in self._encoded(batch.to_dicts())[0] if e is not None]
+
+    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        if not self._ready:
+            self.setup()
+        engine = self.ctx.engine(p.engine)
+        teacher = self.check_guard()["teacher"]
+        enc, drops, errors = self._encoded(batch.to_dicts())
         todo = [i for i, e in enumerate(enc) if e is not None]
         scores: dict[int, Any] = {}
         chunk: list[int] = []

@@ -1,10 +1,10 @@
 """``select``: choose the rows that become the dataset (a set stage).
 
 Input columns: ``id`` (``group_by``) and, as the parameters need them, ``verdict``,
-``difficulty``, the ``length_column`` (default ``completion_tokens``), the quota columns and the
-curriculum column. Output columns: ``curriculum_stage`` / ``curriculum_rank`` (with
+``difficulty``, ``gold_suspect``, the ``length_column`` (default ``completion_tokens``), the
+quota columns and the curriculum column. Output columns: ``curriculum_stage`` / ``curriculum_rank`` (with
 ``curriculum``). Rows not selected are dropped with a reason (``select: verdict``,
-``select: difficulty``, ``select: length``, ``select: per_problem``, ``select: quota``,
+``select: difficulty``, ``select: gold_suspect``, ``select: length``, ``select: per_problem``, ``select: quota``,
 ``select: size``, ``select: not in quotas``, ``select: baseline``), so the rejects show why.
 
 Why: which traces a model is trained on matters as much as how they were made (LIMO, s1, Light-R1,
@@ -15,7 +15,8 @@ same size to measure whether the curation helped.
 Steps, in order:
 
 1. **Row filters**: ``verdict`` (one value or a list), ``difficulty`` (bands to keep),
-   ``min_tokens`` / ``max_tokens`` on ``length_column`` (a row without a length fails a length
+   ``gold_suspect`` (``false`` drops the problems a ``gold_audit`` stage suspects, ``true`` keeps
+   only them), ``min_tokens`` / ``max_tokens`` on ``length_column`` (a row without a length fails a length
    filter).
 2. **k per problem**: ``per_problem: k`` keeps the first ``k`` samples of each problem by
    ``prefer``: ``shortest`` / ``longest`` (``length_column``, ties by row order), ``random``
@@ -97,6 +98,7 @@ class CurriculumParams(BaseModel):
 class SelectParams(StageParams):
     verdict: str | list[str] | None = Field(None, description="keep rows with this verdict (or one of these)")
     difficulty: str | list[str] | None = Field(None, description="keep rows in this band (or these bands)")
+    gold_suspect: bool | None = Field(None, description="false: drop the problems gold_audit suspects; true: keep only them")
     length_column: str = Field("completion_tokens", description="length used by min/max_tokens and prefer")
     min_tokens: int | None = Field(None, ge=0, description="keep rows with length >= this")
     max_tokens: int | None = Field(None, ge=0, description="keep rows with length <= this")
@@ -146,6 +148,8 @@ class Select(SetStage):
             cols.append("verdict")
         if p.difficulty is not None:
             cols.append("difficulty")
+        if p.gold_suspect is not None:
+            cols.append("gold_suspect")
         if p.min_tokens is not None or p.max_tokens is not None or p.prefer in ("shortest", "longest"):
             cols.append(p.length_column)
         cols += list(p.quotas or {})
@@ -206,6 +210,9 @@ class Select(SetStage):
             if p.max_tokens is not None:
                 ok = ok & (pl.col("_len") <= p.max_tokens)
             df = mark(df, ok, "select: length")
+        if p.gold_suspect is not None:
+            self._need(df, "gold_suspect", "gold_suspect filter (a gold_audit stage before select)")
+            df = mark(df, pl.col("gold_suspect").fill_null(False) == p.gold_suspect, "select: gold_suspect")
         df = df.with_columns(pl.col("_why").alias("_why_h"))  # the baseline's filters end here
         bands = _as_list(p.difficulty)
         if bands is not None:

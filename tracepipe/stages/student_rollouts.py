@@ -114,11 +114,9 @@ class StudentRollouts(EngineReverifierLifecycle, RowStage):
         msgs = [{"role": "system", "content": p.system_prompt}] if p.system_prompt else []
         return msgs + [{"role": "user", "content": user.replace("{problem}", problem)}]
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def _requests(self, rows: list[dict[str, Any]]) -> list[GenerationRequest]:
+        """``k`` requests a row (rollout ``i`` seeded with ``seed_for(row key, i, seed)``)."""
         p = self.params
-        engine = self.ctx.engine(p.engine)
-        student = self.ctx.engine_fingerprint(p.engine)
-        rows = batch.to_dicts()
         reqs: list[GenerationRequest] = []
         for r in rows:
             msgs = self.messages(str(r["problem"] or ""), r.get("domain"))
@@ -127,6 +125,17 @@ class StudentRollouts(EngineReverifierLifecycle, RowStage):
                 sampling = SamplingParams(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
                                           seed=seed_for(r[IN_KEY_COL], i, p.seed))
                 reqs.append(GenerationRequest(messages=msgs, n=1, sampling=sampling, key=r[IN_KEY_COL], row=row))
+        return reqs
+
+    def requests(self, batch: pl.DataFrame) -> list[GenerationRequest]:
+        return self._requests(batch.to_dicts())
+
+    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+        p = self.params
+        engine = self.ctx.engine(p.engine)
+        student = self.ctx.engine_fingerprint(p.engine)
+        rows = batch.to_dicts()
+        reqs = self._requests(rows)
         results = engine.generate(reqs)
         if len(results) != len(reqs):
             raise RuntimeError(f"student engine returned {len(results)} results for {len(reqs)} requests")

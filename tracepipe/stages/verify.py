@@ -4,8 +4,9 @@ Input columns: ``response``, ``domain``, ``answer`` (math gold), ``tests`` (code
 for the format checks ``reasoning``, ``finish_reason``, ``truncated`` (and ``completion_tokens``
 when ``format.max_completion_tokens`` is set), each when present.
 Output columns: ``pred_answer`` (the extracted final answer, math), ``verdict`` (``correct`` |
-``incorrect`` | ``unverifiable`` | ``error``), ``verify_detail`` (why, in words) and
-``format_issues`` (list of named format failures, see :mod:`tracepipe.verifiers.format`).
+``incorrect`` | ``unverifiable`` | ``error``), ``verdict_method`` (``rule``: these checks; a
+``judge`` stage after it sets ``judge`` where an LLM decided), ``verify_detail`` (why, in words)
+and ``format_issues`` (list of named format failures, see :mod:`tracepipe.verifiers.format`).
 
 Why: SFT keeps only verified traces, DPO pairs a correct trace with an incorrect one, and
 difficulty needs the verdict of every sample; so failures are kept by default (annotated) and
@@ -19,6 +20,12 @@ processes with a hard per-item wall timeout; a stuck item gets ``error`` with de
 ``unverifiable``. A row whose domain is null is routed by what it has (``tests`` -> code, else
 math). With ``format.strict`` (default) a trace that fails a format check is never ``correct``.
 
+An LLM judge for what no rule can decide: ``judge: {engine: grader, when: unverifiable}`` (or
+``always``) adds a ``judge`` stage right after this one (see :mod:`tracepipe.stages.judge`; the
+recipe loader expands it, and its settings never change this stage's results or cache). ``drop:
+[unverifiable]`` would drop those rows before the judge sees them, so it is refused with a judge
+(drop them after it: ``filter: {where: "verdict <> 'unverifiable'"}``).
+
 When bubblewrap is missing the stage warns loudly and sandboxes with rlimits only; with
 ``code.require_isolation: true`` it refuses: code rows are quarantined with the reason, and the
 run fails past ``max_error_rate``.
@@ -26,6 +33,7 @@ run fails past ``max_error_rate``.
 Example::
 
     - verify: {drop: [error], code: {timeout_s: 5, memory_mb: 512}, format: {max_completion_tokens: 16000}}
+    - verify: {judge: {engine: grader, when: unverifiable}}
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.stages import register
+from tracepipe.stages._judge import JudgeParams
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
 
@@ -98,6 +107,21 @@ class VerifyParams(StageParams):
     batch_size: int = ExecField(128, ge=1, description="rows per batch (and per committed part)")
     code_concurrency: int = ExecField(4, ge=1, description="sandboxes run at once per worker process")
     math_workers: int = ExecField(1, ge=1, description="math-verify processes per worker process")
+    # an ExecField: the judge is a stage of its own (added right after this one by the recipe
+    # loader), so its settings never change verify's results nor its cache
+    judge: JudgeParams | None = ExecField(None, description="{engine, when: unverifiable | always, ...}: a `judge` stage right after verify")
+
+    @model_validator(mode="after")
+    def _judge(self) -> VerifyParams:
+        j = self.judge
+        if j is None:
+            return self
+        if "unverifiable" in self.drop:
+            raise ValueError("drop: [unverifiable] drops those rows before the judge sees them; "
+                             "drop them after it (filter: {where: \"verdict <> 'unverifiable'\"})")
+        if "format_strict" not in j.model_fields_set and j.format_strict != self.format.strict:
+            self.judge = j.model_copy(update={"format_strict": self.format.strict})
+        return self
 
 
 def _row_domain(domain: Any, tests: Any) -> str:
@@ -115,11 +139,11 @@ def _after_think(text: str | None, close_tag: str) -> str | None:
 
 @register("verify")
 class Verify(RowStage):
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: verdict_method; typed answer comparison (tracepipe.verifiers)
     Params = VerifyParams
     cpu_bound: ClassVar[bool] = True
     reads: ClassVar[tuple[str, ...]] = ("response", "answer", "tests", "domain")
-    adds: ClassVar[tuple[str, ...]] = ("pred_answer", "verdict", "verify_detail", "format_issues")
+    adds: ClassVar[tuple[str, ...]] = ("pred_answer", "verdict", "verdict_method", "verify_detail", "format_issues")
     params: VerifyParams
 
     def __init__(self, params: VerifyParams, ctx: Any = None) -> None:
@@ -251,11 +275,11 @@ class Verify(RowStage):
                 drops[i] = f"verify:{verdict[i]}"
         return pl.DataFrame(
             {
-                IN_KEY_COL: keys, "pred_answer": pred, "verdict": verdict, "verify_detail": detail,
-                "format_issues": issues, DROP_COL: drops, ERROR_COL: errors,
+                IN_KEY_COL: keys, "pred_answer": pred, "verdict": verdict, "verdict_method": ["rule"] * n,
+                "verify_detail": detail, "format_issues": issues, DROP_COL: drops, ERROR_COL: errors,
             },
             schema={
-                IN_KEY_COL: pl.String, "pred_answer": pl.String, "verdict": pl.String, "verify_detail": pl.String,
+                IN_KEY_COL: pl.String, "pred_answer": pl.String, "verdict": pl.String, "verdict_method": pl.String, "verify_detail": pl.String,
                 "format_issues": pl.List(pl.String), DROP_COL: pl.String, ERROR_COL: pl.String,
             },
         )

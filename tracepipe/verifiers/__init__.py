@@ -2,6 +2,8 @@
 
 - :mod:`tracepipe.verifiers.math`: extract the final answer, compare with math-verify in worker
   processes with a hard per-item wall timeout;
+- :mod:`tracepipe.verifiers.answers`: the typed comparison run on top of math-verify (each answer's
+  kind on both sides, compared within the kind, exact where both are exact);
 - :mod:`tracepipe.verifiers.code`: run the last fenced Python block against functional or stdio
   tests in bubblewrap + rlimits;
 - :mod:`tracepipe.verifiers.format`: thinking block closed, not truncated, answer present, no

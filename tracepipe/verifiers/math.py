@@ -10,9 +10,23 @@ Extraction (:func:`extract_answer`), first hit wins:
 
 Comparison uses math-verify (``parse`` + ``verify``) on both sides wrapped in ``\\boxed{}``; an
 answer counts as parsed only when math-verify turns it into a SymPy object (no string fallback).
+On top of it runs the typed comparison of :mod:`tracepipe.verifiers.answers` (the kind of each
+answer, compared within the kind, exact where both sides are exact), and the two must agree:
+
+- both equal -> ``correct`` (``equal (<how>)``); both not equal -> ``incorrect``;
+- they disagree -> ``unverifiable`` with ``ambiguous: math-verify=<v> typed=<v> (<kind>...)``
+  (``typed=unknown`` when the typed comparison cannot decide), never ``correct``: a judge stage
+  (``when: unverifiable``) can decide those rows. One exception, where math-verify is known to
+  miss equivalent forms: a *sure* typed ``equal`` (exact arithmetic or a proof; not a tolerance,
+  numeric sampling or words) in the kinds of :data:`OVERRIDE_KINDS` (mixed numbers, percentages,
+  plus-minus, equations, intervals / inequalities, sets, tuples, radicals, choice letters, text)
+  is ``correct`` with detail ``equal: typed <kind> (math-verify=incorrect) (<how>)``;
+- math-verify cannot parse one side: a sure typed decision is used (``equal: typed <kind>
+  (math-verify cannot parse the gold)`` ...), else the old verdicts stand.
+
 Verdicts: ``correct``, ``incorrect`` (wrong, no answer, or an answer that does not parse),
-``unverifiable`` (no gold answer, or the gold answer does not parse) and ``error`` (math-verify
-timed out or failed).
+``unverifiable`` (no gold answer, the gold answer does not parse, or ``ambiguous``) and ``error``
+(math-verify timed out or failed).
 
 math-verify interrupts itself with SIGALRM, which only works in a process's main thread and not
 inside long C calls, so :class:`MathChecker` runs it in supervised worker processes
@@ -23,11 +37,14 @@ killed, that item gets ``error`` / ``timeout``, and the rest of the batch goes o
 from __future__ import annotations
 
 import re
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 from tracepipe.verifiers._supervisor import Supervisor
+from tracepipe.verifiers.answers import Decision, compare_answers
 
 # -- extraction ------------------------------------------------------------------------------
 _FINAL = re.compile(
@@ -197,6 +214,56 @@ def _verify_pairs(gold: tuple[Any, ...], pred: list[Any], timeout_s: int) -> boo
     return False
 
 
+# Kinds where math-verify is known to reject equivalent forms (mixed numbers written plainly,
+# percentages without the sign, ``\\pm``, equations rearranged, inequalities against interval
+# notation, reordered sets, radicals it cannot simplify, repeating decimals, letters and words) and
+# where a *sure* typed ``equal`` is exact arithmetic on numbers read by strict patterns, or set /
+# algebraic identity: here it wins over math-verify's ``not equal``. Not for ``expression``,
+# ``matrix`` and ``sequence``, where the typed parse is math-verify's own and a disagreement more
+# likely means a misread: there, as everywhere else, a disagreement is ``ambiguous``.
+OVERRIDE_KINDS = frozenset({"integer", "rational", "decimal", "mixed_number", "percent", "constant", "plus_minus",
+                            "equation", "interval", "set", "tuple", "choice", "text"})
+
+
+def typed_compare(gold: str, pred: str, timeout_s: int = 5) -> Decision:
+    """:func:`~tracepipe.verifiers.answers.compare_answers` under a ``timeout_s`` SIGALRM budget
+    (in the main thread; elsewhere without one, the worker's hard timeout still applies)."""
+    if threading.current_thread() is not threading.main_thread() or timeout_s <= 0:
+        return compare_answers(gold, pred)
+    TimeoutException = _MV.load().Timeout  # noqa: N806
+
+    def _alarm(signum: int, frame: Any) -> None:
+        raise TimeoutException("typed comparison timed out")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(timeout_s))
+    try:
+        return compare_answers(gold, pred)
+    except TimeoutException:
+        return Decision("unknown", "unrecognised", False, "timeout")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _kind(t: Decision) -> str:
+    return f"{t.kind}: {t.why}" if t.why else t.kind
+
+
+def _combine(pred: str, how: str, mv_equal: bool, t: Decision) -> MathResult:
+    """The verdict when both math-verify and the typed comparison ran (see the module doc)."""
+    if mv_equal:
+        if t.verdict == "equal":
+            return MathResult(pred, "correct", f"equal ({how})")
+        typed = "incorrect" if t.verdict == "different" else "unknown"
+        return MathResult(pred, "unverifiable", f"ambiguous: math-verify=correct typed={typed} ({_kind(t)})")
+    if t.verdict == "equal":
+        if t.sure and t.kind in OVERRIDE_KINDS:
+            return MathResult(pred, "correct", f"equal: typed {t.kind} (math-verify=incorrect) ({how})")
+        return MathResult(pred, "unverifiable", f"ambiguous: math-verify=incorrect typed=correct ({_kind(t)})")
+    return MathResult(pred, "incorrect", f"not equal ({how})")
+
+
 def check_math(
     response: str | None, gold: str | None, *, timeout_s: int = 5, last_number: bool = False,
 ) -> MathResult:
@@ -206,11 +273,18 @@ def check_math(
     pred, how = extract_answer(response, last_number)
     if gold is None or not str(gold).strip():
         return MathResult(pred, "unverifiable", "no gold answer")
+    gold_s = str(gold).strip()
     try:
-        g = _gold_parsed(str(gold).strip(), timeout_s)
+        g = _gold_parsed(gold_s, timeout_s)
     except TimeoutException:
         return MathResult(pred, "error", "timeout: parsing the gold answer")
     if not g:
+        if pred is not None:
+            t = typed_compare(gold_s, pred, timeout_s)
+            if t.sure and t.verdict != "unknown":
+                ok = t.verdict == "equal"
+                return MathResult(pred, "correct" if ok else "incorrect",
+                                  f"{'equal' if ok else 'not equal'}: typed {t.kind} (math-verify cannot parse the gold) ({how})")
         return MathResult(pred, "unverifiable", "gold answer cannot be parsed")
     if pred is None:
         return MathResult(None, "incorrect", "no answer found")
@@ -218,16 +292,42 @@ def check_math(
         p = _parse_strict(pred, timeout_s)
     except TimeoutException:
         return MathResult(pred, "error", "timeout: parsing the answer")
-    if not p:
-        return MathResult(pred, "incorrect", f"answer does not parse ({how})")
-    bg, bp = _BASE.match(str(gold)), _BASE.match(pred)
+    bg, bp = _BASE.match(gold_s), _BASE.match(pred)
     if bg and bp and (bg.group(1), bg.group(2)) != (bp.group(1), bp.group(2)):
         # math-verify drops subscripts: 52_8 and 52_9 would compare equal
         return MathResult(pred, "incorrect", f"not equal: different numeral or base ({how})")
+    if not p:
+        t = typed_compare(gold_s, pred, timeout_s)
+        if t.verdict == "equal" and t.sure:
+            return MathResult(pred, "correct", f"equal: typed {t.kind} (math-verify cannot parse the answer) ({how})")
+        return MathResult(pred, "incorrect", f"answer does not parse ({how})")
     try:
         ok = _verify_pairs(g, p, timeout_s)
     except (TimeoutException, TimeoutError):
         return MathResult(pred, "error", "timeout: math-verify comparison")
+    return _combine(pred, how, ok, typed_compare(gold_s, pred, timeout_s))
+
+
+def check_math_plain(response: str | None, gold: str | None, *, timeout_s: int = 5, last_number: bool = False) -> MathResult:
+    """math-verify alone (the verdicts before the typed comparison): the baseline of the tests and
+    ``benchmarks/verify_pairs.py``."""
+    TimeoutException = _MV.load().Timeout  # noqa: N806
+
+    pred, how = extract_answer(response, last_number)
+    if gold is None or not str(gold).strip():
+        return MathResult(pred, "unverifiable", "no gold answer")
+    try:
+        g = _gold_parsed(str(gold).strip(), timeout_s)
+        if not g:
+            return MathResult(pred, "unverifiable", "gold answer cannot be parsed")
+        if pred is None:
+            return MathResult(None, "incorrect", "no answer found")
+        p = _parse_strict(pred, timeout_s)
+        if not p:
+            return MathResult(pred, "incorrect", f"answer does not parse ({how})")
+        ok = _verify_pairs(g, p, timeout_s)
+    except (TimeoutException, TimeoutError):
+        return MathResult(pred, "error", "timeout")
     return MathResult(pred, "correct" if ok else "incorrect", f"{'equal' if ok else 'not equal'} ({how})")
 
 
@@ -254,7 +354,7 @@ class MathChecker:
         self.last_number = last_number
         self.supervisor = Supervisor(
             target, workers=workers, item_timeout_s=hard_timeout_s, memory_mb=memory_mb,
-            preload=["tracepipe.verifiers.math", "math_verify", "sympy"],
+            preload=["tracepipe.verifiers.math", "tracepipe.verifiers.answers", "math_verify", "sympy"],
         )
 
     def check(self, items: list[tuple[str | None, str | None]]) -> list[MathResult]:
@@ -279,4 +379,5 @@ class MathChecker:
         self.close()
 
 
-__all__ = ["MathChecker", "MathResult", "check_item", "check_math", "extract_answer", "last_boxed", "parse_answer"]
+__all__ = ["OVERRIDE_KINDS", "MathChecker", "MathResult", "check_item", "check_math", "check_math_plain", "extract_answer",
+           "last_boxed", "parse_answer", "typed_compare"]

@@ -26,6 +26,7 @@ from tracepipe.stages.base import DROP_COL, ERROR_COL, RowStage
 
 #: most calls a streamed stage keeps in flight (threads blocked on the engine: cheap, not free)
 MAX_CALLS_IN_FLIGHT = 1024
+BULK_ROWS = 8192  # rows per call on a bulk engine (replay) unless the recipe sets batch_size
 
 
 @dataclass
@@ -65,13 +66,29 @@ def stream_plan(stage: RowStage) -> StreamPlan:
     names = [n for n in stage.engine_names() if n in stage.ctx.engines]
     if names:
         engine = stage.ctx.engine(names[0])
-        cap = 1 if engine.bulk else engine.capacity()
+        if engine.bulk:
+            return StreamPlan(_bulk_rows(stage), 1)
+        cap = engine.capacity()
         if cap > 1:
             # a few rows per call once the engine is wide (less per-call Python for the same
-            # work; a call's rows are committed when its slowest one finishes)
+            # work; a call's rows are committed when its slowest one finishes); one row a call
+            # under a budget, since an engine reserves a call's worst case all or nothing and a
+            # wide call could be refused while one row still fits
             rows = max(1, min(stage.rows_per_batch(), cap // (32 * stage.requests_per_row())))
+            if engine.meter().limited():
+                rows = 1
             return StreamPlan(rows, min(MAX_CALLS_IN_FLIGHT, cap + max(4, cap // 4)))
     return StreamPlan(stage.rows_per_batch(), 1)
+
+
+def _bulk_rows(stage: RowStage) -> int:
+    """Rows per call on a bulk engine (no model: ``replay``): the stage's ``batch_size`` when the
+    recipe sets it, else at least ``BULK_ROWS``. A batch size sized for a model (256 problems)
+    would cut a million replayed rows into 4,000 store parts, each paying a commit."""
+    params = stage.params
+    if "batch_size" in getattr(params, "model_fields_set", ()):
+        return stage.rows_per_batch()
+    return max(stage.rows_per_batch(), BULK_ROWS)
 
 
 class Committer:

@@ -22,6 +22,7 @@ from concurrent.futures import Executor as FuturesExecutor
 
 import polars as pl
 
+from tracepipe.errors import BudgetExceeded
 from tracepipe.pipeline.executors.base import (
     BatchResult,
     Committer,
@@ -66,8 +67,11 @@ def keep_full(
     in_flight: int, handle: Callable[[BatchResult], None], tick: Callable[[], None], tick_s: float = 1.0,
 ) -> None:
     """Keep ``in_flight`` calls running until ``batches`` runs out: each finished call is
-    replaced first, then its result handled. On an error the calls not started are cancelled."""
+    replaced first, then its result handled. On an error the calls not started are cancelled.
+    A :class:`BudgetExceeded` (the engine dispatches nothing more) starts no new call but waits
+    for the running ones and handles (commits) their results, then is raised."""
     pending: set[Future[BatchResult]] = set()
+    stop: BudgetExceeded | None = None
 
     def fill() -> None:
         while len(pending) < in_flight:
@@ -80,10 +84,16 @@ def keep_full(
         fill()
         while pending:
             done, pending = wait(pending, timeout=tick_s, return_when=FIRST_COMPLETED)
-            fill()
+            if stop is None:
+                fill()
             for f in done:
-                handle(f.result())
+                try:
+                    handle(f.result())
+                except BudgetExceeded as e:  # drain: what is in flight finishes and is committed
+                    stop = stop or e
             tick()
+        if stop is not None:
+            raise stop
     except BaseException:
         for f in pending:
             f.cancel()

@@ -65,7 +65,7 @@ _OK, _ERRORS, _N_IN = "ok", "errors", "n_in"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 #: engine kinds that are clients of a server elsewhere: their actors need no GPU
-_CLIENT_ENGINES = frozenset({"openai", "replay"})
+_CLIENT_ENGINES = frozenset({"openai", "openai-batch", "replay"})
 
 
 def parse_bytes(v: int | float | str | None) -> int | None:

@@ -624,7 +624,11 @@ class Runner:
             total = pq.ParquetFile(todo).metadata.num_rows
 
             def arrow_batches(size: int) -> Iterator[pa.RecordBatch]:
-                return pq.ParquetFile(todo).iter_batches(batch_size=size, use_threads=False)
+                # row group by row group: pyarrow's iter_batches keeps what it decoded until the
+                # iterator ends (280 MB of Arrow memory over 900k replayed rows)
+                pf = pq.ParquetFile(todo)
+                for i in range(pf.num_row_groups):
+                    yield from pf.read_row_group(i).to_batches(max_chunksize=size)
 
         def batches(size: int) -> Iterator[pl.DataFrame]:
             for b in arrow_batches(size):

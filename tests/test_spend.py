@@ -17,11 +17,9 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from tests.fixtures.recipes import GSM8K_TRAIN
+from tests.fixtures.recipes import GSM8K_TRAIN, cli, plan_json
 from tests.fixtures.usage_server import TokenizingServer
-from tracepipe.cli import app
 from tracepipe.errors import BudgetExceeded
 from tracepipe.spend import Budget, Price, SpendBook, read_ledger
 
@@ -55,16 +53,6 @@ def recipe(tmp: Path, name: str, base_url: str, tok: Path, rows: int, top: dict[
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(r, sort_keys=False))
     return p
-
-
-def cli(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def plan_json(path: Path) -> dict[str, Any]:
-    res = cli("plan", str(path), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
 
 
 def request_id(body: dict[str, Any]) -> tuple[str, int]:

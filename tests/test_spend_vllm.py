@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests.fixtures.openai_servers import VLLMServer
-from tests.fixtures.recipes import GSM8K_TRAIN
+from tests.fixtures.recipes import GSM8K_TRAIN, cli, plan_json
 from tests.fixtures.teacher_engines import tiny_vllm_config
-from tracepipe.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +37,6 @@ def write(tmp: Path, engine: dict[str, Any], rows: int, max_tokens: int = 8) -> 
     return p
 
 
-def cli(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def plan(path: Path) -> dict[str, Any]:
-    res = cli("plan", str(path), "--json")
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
-
-
 def stats(tmp: Path) -> dict[str, Any]:
     return json.loads((tmp / "work" / "stats.json").read_text())
 
@@ -59,7 +47,7 @@ def test_plan_counts_prompt_tokens_as_the_real_vllm_server_bills_them(
     srv = vllm_openai_server
     path = write(tmp_path, {"kind": "openai", "base_url": srv.base_url, "model": srv.model, "tokenizer": str(tiny_model_dir),
                             "concurrency": 4, "price": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}, rows=12)
-    est = plan(path)["stages"][0]["estimate"]
+    est = plan_json(path)["stages"][0]["estimate"]
     assert est["requests"] == 12 and est["prompt_tokens_method"] == "tokenizer"
     res = cli("run", str(path), "--no-progress")
     assert res.exit_code == 0, res.output
@@ -73,7 +61,7 @@ def test_vllm_engine_output_token_budget_rerun_and_gpu_hours(tmp_path: Path, tin
     rows, max_tokens = 10, 8
     engine = tiny_vllm_config(tiny_model_dir)  # the session's engine is shared (same load arguments)
     path = write(tmp_path, {**engine, "budget": {"max_output_tokens": 40}}, rows, max_tokens)
-    est = plan(path)["stages"][0]["estimate"]
+    est = plan_json(path)["stages"][0]["estimate"]
     assert est["requests"] == rows and est["gpu_hours"] is None  # no earlier run of this engine
 
     res = cli("run", str(path), "--no-progress")
@@ -94,7 +82,7 @@ def test_vllm_engine_output_token_budget_rerun_and_gpu_hours(tmp_path: Path, tin
 
     # more problems: GPU-hours from the throughput both runs recorded for this engine fingerprint
     path = write(tmp_path, {**engine, "budget": {"max_output_tokens": 10_000}}, rows + 6, max_tokens)
-    est2 = plan(path)["stages"][0]["estimate"]
+    est2 = plan_json(path)["stages"][0]["estimate"]
     gpu = est2["gpu_hours"]
     runs = [json.loads(p.read_text())["spend"]["engines"]["teacher"] for p in sorted((tmp_path / "work" / "runs").glob("*.json"))]
     rate = sum(r["run"]["completion_tokens"] for r in runs) / sum(r["seconds"] for r in runs)

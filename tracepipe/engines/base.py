@@ -98,6 +98,8 @@ class Engine(ABC):
         self._meter: Meter | None = None
         #: called once the engine has started (the run records when each engine lived)
         self.on_start: Callable[[], None] | None = None
+        #: answered requests whose prompt fitted / did not fit the context (``check_context``)
+        self._context_seen = [0, 0]
 
     def start(self) -> None:
         """Load the model / open clients. Idempotent."""
@@ -155,7 +157,7 @@ class Engine(ABC):
         ``generate``; thread-safe."""
         too_long = sum(1 for r in results if r and r[0].finish_reason == PROMPT_TOO_LONG)
         with _CONTEXT_LOCK:
-            seen = self.__dict__.setdefault("_context_seen", [0, 0])  # [fitted, too long]
+            seen = self._context_seen
             seen[0] += len(results) - too_long
             seen[1] += too_long
             fitted, refused = seen

@@ -931,22 +931,28 @@ class OpenAIEngine(Engine):
             self.start()
 
     def start(self) -> None:
-        """Read the key, start the loop, client, limiters and journal. Idempotent and
-        thread-safe: concurrent first calls start one client."""
+        """Read the key, start the loop, client, limiters and journal (the subclass: its own
+        transport). Idempotent and thread-safe: concurrent first calls start one client."""
         with self._start_lock:
             if self._started:
                 return
             self._start()
             self._started = True
+            if self.on_start is not None:
+                self.on_start()
 
-    def _start(self) -> None:
-
+    def _begin_start(self) -> None:
+        """What every start does first: read the key, check the options, reset the counters."""
         cfg = self.config
         self._key = self._read_key()
         if cfg.n_mode == "n+tokenizer" and not cfg.tokenizer:
             raise OpenAIEngineError("n_mode 'n+tokenizer' needs `tokenizer:` (a local tokenizer directory)")
         self._reset_stats()
         self._fatal = None
+
+    def _start(self) -> None:
+        cfg = self.config
+        self._begin_start()
         self._pause_until = 0.0
         self._last_ok = time.monotonic()
         self._loop = _LoopThread()

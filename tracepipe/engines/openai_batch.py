@@ -299,30 +299,13 @@ class OpenAIBatchEngine(OpenAIEngine):
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def ensure_started(self) -> None:
-        if not self._started:
-            self.start()
-
-    def start(self) -> None:
-        """Read the key, open the client, the journal and the job log, re-attach to the jobs of a
-        killed run, start the driver. Idempotent and thread-safe."""
-        with self._start_lock:
-            if self._started:
-                return
-            self._start()
-            self._started = True
-            if self.on_start is not None:
-                self.on_start()
-
     def _start(self) -> None:
+        """Read the key, open the client, the journal and the job log, re-attach to the jobs of a
+        killed run, start the driver (called under the start lock by ``start``)."""
         import httpx
 
         cfg = self.config
-        self._key = self._read_key()
-        if cfg.n_mode == "n+tokenizer" and not cfg.tokenizer:
-            raise OpenAIEngineError("n_mode 'n+tokenizer' needs `tokenizer:` (a local tokenizer directory)")
-        self._reset_stats()
-        self._fatal = None
+        self._begin_start()
         self._init_batch_state()
         headers = {"Accept": "application/json"}
         if self._key is not None:

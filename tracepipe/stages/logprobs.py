@@ -68,6 +68,7 @@ from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.engines.base import Engine
 from tracepipe.errors import RunFailed, TeacherMismatchError  # TeacherMismatchError: re-exported
 from tracepipe.stages import register
+from tracepipe.stages._columns import arrow_frame
 from tracepipe.stages._context import scoring_limit
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
@@ -565,9 +566,7 @@ class Logprobs(RowStage):
         cols["logprobs_teacher"] = pa.array([teacher if e is not None else None for e in enc], type=pa.string())
         cols[DROP_COL] = pa.array(drops, type=pa.string())
         cols[ERROR_COL] = pa.array(errors, type=pa.string())
-        df = pl.from_arrow(pa.table(cols))
-        assert isinstance(df, pl.DataFrame)
-        return df
+        return arrow_frame(cols)
 
     def summarize(self, out: pl.LazyFrame) -> dict[str, Any]:
         """Token counts and the teacher-consistency record (``teacher_consistency``) of this run."""

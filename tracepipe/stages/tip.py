@@ -54,6 +54,7 @@ from tracepipe.contract import DROP_COL, ERROR_COL, IN_KEY_COL
 from tracepipe.engines.base import Engine, EngineFatalError, ScoreResult
 from tracepipe.errors import RunFailed
 from tracepipe.stages import register
+from tracepipe.stages._columns import arrow_frame
 from tracepipe.stages._context import scoring_limit
 from tracepipe.stages.base import ExecField, RowStage, StageParams
 
@@ -323,9 +324,7 @@ class Tip(RowStage):
         cols["tip_student"] = pa.array([engine_fp if i in ann else None for i in range(n)], type=pa.string())
         cols[DROP_COL] = pa.array([d for d, _ in checks], type=pa.string())
         cols[ERROR_COL] = pa.array([e for _, e in checks], type=pa.string())
-        df = pl.from_arrow(pa.table(cols))
-        assert isinstance(df, pl.DataFrame)
-        return df
+        return arrow_frame(cols)
 
     def summarize(self, out: pl.LazyFrame) -> dict[str, Any]:
         """Rows annotated, the k, the student, and how many rows are the student's own rollouts."""
